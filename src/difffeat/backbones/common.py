@@ -139,7 +139,9 @@ def resolve_indices(blocks, depth: int, what: str = "block") -> list[int]:
     out = set()
     for b in blocks:
         if isinstance(b, bool) or int(b) != b or not -depth <= int(b) < depth:
-            raise ValueError(f"{what} {b!r} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)")
+            raise ValueError(
+                f"{what} {b!r} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
+            )
         out.add(int(b) % depth)
     if not out:
         raise ValueError(f"no {what} requested")
