@@ -1,0 +1,220 @@
+"""The feature store: extracted features on disk, keyed, written atomically, resumable, memory-mapped.
+
+Layout of a store folder::
+
+    ids/<split>.json                      the row order of every entry of that split (+ skipped ids)
+    entries/<name>/shard-00000.npy ...    rows [k*S, (k+1)*S) while an entry is being filled
+    entries/<name>/features.npy           the finished array (shards concatenated, then removed)
+    entries/<name>/meta.json              key, shape, dtype, config, library version; written last
+    manifest.json                         summary of finished entries (rebuilt from the meta files)
+
+Every file is written to a temporary name and renamed into place, so a process killed at any moment leaves
+either the old state or the new one, never a torn file. Work is done in shards of rows: a restarted job skips
+the shards that exist, recomputes the rest with the same batch boundaries, and so produces the same bytes as
+an uninterrupted run. Shards are independent files, which is also what lets several ranks fill one entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import difffeat
+
+STORE_FORMAT = 1
+
+
+class StoreError(RuntimeError):
+    """The store on disk does not agree with what is asked of it (different ids, shapes, dtypes...)."""
+
+
+@dataclass(frozen=True)
+class EntryKey:
+    """Identifies one feature array. ``t`` is a DDPM index for images, a noise step for text, -1 if none.
+
+    ``variant`` holds the extraction options that change the numbers but are not in the other fields
+    (noise ensemble size, per-token norm, caption reduction, class label), so two settings never collide.
+    """
+
+    modality: str
+    model: str
+    block: int
+    t: int
+    pool: str
+    seed: int
+    split: str
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model).strip("-") or "model"
+        var = f"_{self.variant}" if self.variant else ""
+        return f"{self.modality}__{safe}__{self.split}__b{self.block}_t{self.t}_{self.pool}_s{self.seed}{var}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureStore:
+    """A folder of feature entries. Cheap to open; reads are memory-mapped."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        (self.root / "entries").mkdir(parents=True, exist_ok=True)
+        (self.root / "ids").mkdir(parents=True, exist_ok=True)
+
+    # ---- id lists -------------------------------------------------------------------------------------
+    def _ids_path(self, split: str) -> Path:
+        return self.root / "ids" / f"{split}.json"
+
+    def set_ids(self, split: str, ids: Sequence[str], skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Record the row order of ``split``; refuse a different list than the one already recorded."""
+        ids = [str(i) for i in ids]
+        if len(set(ids)) != len(ids):
+            raise StoreError(f"split {split!r}: sample ids are not unique")
+        path = self._ids_path(split)
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old["ids"] != ids:
+                raise StoreError(
+                    f"{path}: this store was written for a different id list of split {split!r} "
+                    f"({len(old['ids'])} ids recorded, {len(ids)} given); use a new store folder"
+                )
+            if [list(s) for s in skipped] == old.get("skipped", []):
+                return
+        atomic_write_json(path, {"ids": ids, "skipped": [list(s) for s in skipped]})
+
+    def ids(self, split: str) -> list[str]:
+        path = self._ids_path(split)
+        if not path.exists():
+            raise StoreError(f"{path}: no id list recorded for split {split!r}")
+        return json.loads(path.read_text())["ids"]
+
+    def skipped(self, split: str) -> list[tuple[str, str]]:
+        path = self._ids_path(split)
+        return [tuple(s) for s in json.loads(path.read_text()).get("skipped", [])] if path.exists() else []
+
+    # ---- entries --------------------------------------------------------------------------------------
+    def entry_dir(self, key: EntryKey) -> Path:
+        return self.root / "entries" / key.name
+
+    def has(self, key: EntryKey) -> bool:
+        return (self.entry_dir(key) / "meta.json").exists()
+
+    def read(self, key: EntryKey, mmap: bool = True) -> np.ndarray:
+        """The finished array of ``key``, memory-mapped by default (nothing forces it into RAM)."""
+        if not self.has(key):
+            raise StoreError(f"no finished entry {key.name} in {self.root}")
+        return np.load(self.entry_dir(key) / "features.npy", mmap_mode="r" if mmap else None)
+
+    def meta(self, key: EntryKey) -> dict:
+        return json.loads((self.entry_dir(key) / "meta.json").read_text())
+
+    def entries(self) -> Iterator[dict]:
+        for meta_path in sorted((self.root / "entries").glob("*/meta.json")):
+            yield json.loads(meta_path.read_text())
+
+    @staticmethod
+    def shard_path(entry_dir: Path, index: int) -> Path:
+        return entry_dir / f"shard-{index:05d}.npy"
+
+    def has_shard(self, key: EntryKey, index: int) -> bool:
+        return self.shard_path(self.entry_dir(key), index).exists()
+
+    def write_shard(self, key: EntryKey, index: int, array: np.ndarray) -> None:
+        atomic_save_npy(self.shard_path(self.entry_dir(key), index), array)
+
+    def finalize(self, key: EntryKey, num_shards: int, num_rows: int, config: dict | None = None) -> None:
+        """Concatenate an entry's shards into ``features.npy``, write its meta, remove the shards.
+
+        Idempotent and crash-safe: the meta file is the commit point, written only after the array.
+        """
+        if self.has(key):
+            return
+        d = self.entry_dir(key)
+        shards = [self.shard_path(d, i) for i in range(num_shards)]
+        missing = [p.name for p in shards if not p.exists()]
+        if missing:
+            raise StoreError(f"entry {key.name}: cannot finalize, shards missing: {missing[:5]}")
+        first = np.load(shards[0], mmap_mode="r")
+        shape = (num_rows, *first.shape[1:])
+        tmp = d / ".features.npy.tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=shape)
+        row = 0
+        for p in shards:
+            part = np.load(p, mmap_mode="r")
+            if part.dtype != first.dtype or part.shape[1:] != first.shape[1:]:
+                raise StoreError(f"{p}: shape {part.shape}/{part.dtype} differs from shard 0 {first.shape}")
+            out[row : row + len(part)] = part
+            row += len(part)
+        if row != num_rows:
+            raise StoreError(f"entry {key.name}: shards hold {row} rows, expected {num_rows}")
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "features.npy")
+        meta = {
+            "key": asdict(key),
+            "name": key.name,
+            "shape": list(shape),
+            "dtype": str(first.dtype),
+            "config": config or {},
+            "difffeat_version": difffeat.__version__,
+            "store_format": STORE_FORMAT,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_json(d / "meta.json", meta)
+        for p in shards:
+            p.unlink(missing_ok=True)
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        entries = {m["name"]: {k: m[k] for k in ("key", "shape", "dtype", "config")} for m in self.entries()}
+        splits = {p.stem: len(json.loads(p.read_text())["ids"]) for p in sorted((self.root / "ids").glob("*.json"))}
+        atomic_write_json(
+            self.root / "manifest.json",
+            {
+                "store_format": STORE_FORMAT,
+                "difffeat_version": difffeat.__version__,
+                "splits": splits,
+                "entries": entries,
+            },
+        )
