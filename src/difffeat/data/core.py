@@ -7,9 +7,11 @@ A :class:`Sample` carries a stable id, a lazily decoded image, its captions and 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -129,3 +131,53 @@ def carve_val(train: Sequence[Sample], size: int | float, seed: int = 0) -> tupl
     order = sorted(train, key=lambda s: stable_hash(f"{seed}|{s.id}"))
     val_ids = {s.id for s in order[:n]}
     return [s for s in train if s.id not in val_ids], [s for s in train if s.id in val_ids]
+
+
+# Helpers shared by the readers: every failure names the file (and line or record) and what was expected.
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """Return ``path`` if it is a file, else fail saying which file of which dataset layout was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a syntax error reports the file, line and column instead of a bare decoder message."""
+    path = require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+
+
+def read_lines(path: str | Path, what: str = "text file") -> list[str]:
+    """Lines with trailing whitespace and CR removed. Blank lines are kept because several formats align files
+    line by line (label files with image lists), and dropping one would silently shift every later record."""
+    path = require_file(path, what)
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip() for line in f.read().splitlines()]
+
+
+def check_image_files(samples: Iterable[Sample], source: str | Path) -> None:
+    """Fail on the first sample whose image path does not exist (readers' ``check_files=True``)."""
+    for s in samples:
+        if isinstance(s.image, (str, Path)) and not Path(s.image).is_file():
+            raise DataError(f"{source}: sample {s.id!r}: image file not found: {s.image}")
+
+
+def build_splits(train: list[Sample], test: list[Sample], val_size: int | float, seed: int = 0) -> dict[str, Split]:
+    """``train``/``val``/``test`` splits from an official train/test pair, val carved from train.
+
+    Sample ids must be unique across all splits: feature rows and noise seeds are keyed by them.
+    """
+    seen: set[str] = set()
+    for s in (*train, *test):
+        if s.id in seen:
+            raise DataError(f"duplicate sample id {s.id!r}: ids must be unique across train and test")
+        seen.add(s.id)
+    train, val = carve_val(train, val_size, seed)
+    return {"train": Split("train", train), "val": Split("val", val), "test": Split("test", test)}
