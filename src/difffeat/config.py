@@ -75,15 +75,16 @@ class ProbeSettings:
     epochs: int = 200
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    batch_size: int = 0
+    batch_size: int = 1024  # 0 = full batch
     patience: int = 20
     standardize: bool = True
     seed: int = 0
+    num_threads: int | None = 1  # small heads run fastest single-threaded on a shared CPU
 
 
 @dataclass
 class SearchSettings:
-    mode: str = "search"  # search (local search) | grid (full sweep) | fixed (use extract's first block/t)
+    mode: str = "search"  # search: local search, probes on demand | grid: full sweep, then the search on its table
     image_grid_blocks: list[int] = field(default_factory=list)
     image_grid_timesteps: list[int] = field(default_factory=list)
     text_grid_blocks: list[int] = field(default_factory=list)
@@ -98,13 +99,18 @@ class SearchSettings:
 class FusionSettings:
     width: int = 2048
     mode: str = "add"  # add | concat
+    activation: str | None = None
     ablations: list[str] = field(default_factory=lambda: ["image", "text", "concat"])
+    baselines: list[str] = field(default_factory=list)  # pixels | random_init
     epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 1024
     patience: int = 15
     seed: int = 0
+    num_threads: int | None = None
+    search_width: int = 512  # cheaper fused fits while the local search scores candidate pairs
+    search_epochs: int = 40
 
 
 @dataclass

@@ -1,0 +1,159 @@
+"""The report step: turn a finished run folder into heatmaps, t-SNE pictures, clustering scores,
+``metrics.json`` and one self-contained ``report.html``.
+
+It also states, measured, the properties a working Diff-Feat run should show (fused above each modality,
+trained features above random init and pixels, search close to the grid optimum at a fraction of its cost),
+as plain sentences in the report and booleans in ``metrics.json``: a failure is shown, never hidden.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from difffeat.analysis import clustering_scores, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
+from difffeat.fusion import FusionResult
+from difffeat.report import render_report, write_metrics_json
+
+MULTILABEL_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3")
+MULTILABEL_COLUMNS += ("OR_top3", "OF1_top3")
+SINGLE_LABEL_COLUMNS = ("top1", "top5", "macro_F1")
+
+
+def grid_table(exp, modality: str, search: dict) -> np.ndarray:
+    """Scores on the (block, t) grid: the sweep CSV when there is one, else the cells the search evaluated."""
+    blocks, steps = exp.grid(modality)
+    table = np.full((len(blocks), len(steps)), np.nan)
+    sweep = exp.out / f"sweep_{modality}.csv"
+    if sweep.exists():
+        with sweep.open() as f:
+            cells = [(int(r["block"]), int(r["t"]), float(r["val_score"])) for r in csv.DictReader(f)]
+    else:
+        cells = [(*e["key"], e["score"]) for e in search["evaluations"] if e["modality"] == modality]
+    for b, t, score in cells:
+        if b in blocks and t in steps and score is not None:
+            table[blocks.index(b), steps.index(t)] = score
+    return table
+
+
+def fused_embedding(head: FusionResult, feats: list[np.ndarray]) -> np.ndarray:
+    """The fused representation z = sum_i W_i standardise(f_i) that the classifier reads."""
+    with torch.no_grad():
+        z = sum(
+            proj((torch.as_tensor(np.asarray(f), dtype=torch.float32) - m) / s)
+            for proj, f, m, s in zip(head.head.projections, feats, head.means, head.stds, strict=True)
+        )
+    return z.numpy()
+
+
+def _subset(exp, n: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test rows with exactly one label among the most frequent classes (one colour and cluster per point)."""
+    y = exp.targets("test")
+    if exp.data.single_label:
+        keep = np.flatnonzero(y < classes)
+        idx, labels = keep, y[keep]
+    else:
+        idx, labels = single_label_subset(y, classes)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(idx), size=min(n, len(idx)), replace=False))
+    return idx[pick], labels[pick]
+
+
+def analyse_clusters(exp, cells: dict, heads: dict[str, FusionResult]) -> tuple[list[dict], str | None]:
+    r = exp.cfg.report
+    idx, labels = _subset(exp, r.tsne_samples, r.tsne_classes)
+    if len(np.unique(labels)) < 2:
+        return [], None
+    kinds = {m: np.asarray(exp.features(m, cells[m], "test"))[idx].astype(np.float32) for m in cells}
+    if "fused" in heads:
+        kinds["fused"] = fused_embedding(heads["fused"], [kinds[m] for m in ("image", "text")])
+    rows = [{"name": k, **clustering_scores(v, labels, seed=0)} for k, v in kinds.items()]
+    emb = {k: tsne_embed(v, seed=0) for k, v in kinds.items()}
+    path = plot_tsne(emb, labels, exp.data.classes, exp.out / "tsne.png")
+    return rows, str(path)
+
+
+def _table(results: dict, columns: tuple[str, ...]) -> list[dict]:
+    return [{"name": name, **{c: res.get(c) for c in columns if c in res}} for name, res in results.items()]
+
+
+def claims(results: dict, search: dict, tables: dict[str, np.ndarray], key: str) -> dict[str, bool | None]:
+    """The properties of a working method, measured on this run (None where the run cannot tell)."""
+
+    def score(name: str) -> float | None:
+        return results[name][key] if name in results else None
+
+    out: dict[str, bool | None] = {}
+    fused, img, txt = score("fused"), score("image"), score("text")
+    out["fused_above_image_and_text"] = None if None in (fused, img, txt) else fused > max(img, txt)
+    main = score("fused") if fused is not None else score("image")
+    for base in ("pixels", "random_init_image"):
+        b = score(base)
+        out[f"above_{base}"] = None if b is None or main is None else main > b
+    for m, table in tables.items():
+        if np.isfinite(table).all() and m in search.get("best_scores", {}):
+            grid_best = float(np.nanmax(table))
+            out[f"{m}_search_within_0.5_of_grid"] = search["best_scores"][m] >= grid_best - 0.5
+    cells = sum(v for k, v in search.get("grid_cells", {}).items() if k != "pair")
+    if cells:
+        out["search_used_at_most_a_third_of_grid"] = search["num_evaluations_unimodal"] <= cells / 3
+    return out
+
+
+def build_report(exp, seconds: float | None = None) -> None:
+    search = json.loads((exp.out / "search.json").read_text())
+    results = json.loads((exp.out / "results.json").read_text())
+    from difffeat.pipeline import chosen_cells
+
+    cells = chosen_cells(exp)
+    heads = {p.stem: FusionResult.load(p) for p in sorted((exp.out / "heads").glob("*.safetensors"))}
+    tables, heatmaps = {}, {}
+    for m in exp.modalities:
+        blocks, steps = exp.grid(m)
+        tables[m] = grid_table(exp, m, search)
+        best = tuple(search["best"][m]) if m in search["best"] else None
+        path = [tuple(c) for c in search["path"].get(m, [])]
+        unit = "block x DDPM t" if m == "image" else "block x noise step"
+        heatmaps[f"{m} ({unit})"] = plot_heatmap(
+            tables[m], blocks, steps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
+        )
+    clustering, tsne = analyse_clusters(exp, cells, heads)
+    key = "top1" if exp.data.single_label else "mAP"
+    columns = SINGLE_LABEL_COLUMNS if exp.data.single_label else MULTILABEL_COLUMNS
+    main = {k: v for k, v in results.items() if k in ("fused", "image", "text")}
+    ablation = {k: v for k, v in results.items() if k not in main}
+    checks = claims(results, search, tables, key)
+    truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
+    summary = {
+        "dataset": exp.data.name,
+        "num_classes": exp.data.num_classes,
+        "chosen": {m: {"block": c[0], "t": c[1]} for m, c in cells.items()},
+        "test": results,
+        "search": {k: search[k] for k in ("num_evaluations", "num_evaluations_unimodal", "num_evaluations_pair",
+                                          "grid_size_unimodal", "grid_size_pair", "best_scores", "pair_score")},
+        "checks": checks,
+        "seconds": seconds,
+        "captions_truncated": truncated,
+        "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
+    }  # fmt: skip
+    write_metrics_json(exp.out / "metrics.json", summary)
+    notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
+    notes.append("Blocks are 0-based: the paper's 1-based 'Layer 12' is block 11 here.")
+    if truncated:
+        notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
+    render_report(
+        exp.out / "report.html",
+        title=f"difffeat: {exp.data.name}",
+        config=asdict(exp.cfg),
+        metrics_table=_table(main, columns),
+        ablation_table=_table(ablation, columns),
+        heatmaps=heatmaps,
+        tsne=tsne,
+        clustering=clustering,
+        search=search,
+        notes=notes,
+    )
