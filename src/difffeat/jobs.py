@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difffeat.backbones.common import resolve_indices
 from difffeat.config import ExtractConfig, ImageModelConfig, TextModelConfig
 from difffeat.data.core import DataError, Split, load_image
 from difffeat.store import EntryKey, FeatureStore
@@ -152,7 +153,7 @@ def extract_image_split(
     """Image features for every (block, t) of the grid, one truncated forward per timestep and batch."""
     rows = prepare_ids(store, split, ex.skip_bad)
     latent_key = cache_latents(store, extractor, split, rows, name, ex, **dist)
-    blocks = sorted({b % extractor.dit.depth for b in blocks})
+    blocks = resolve_indices(blocks, extractor.dit.depth)
     variant = image_variant(model, ex)
     keys = {
         (b, t): EntryKey("image", name, b, t, ex.pool, ex.seed, split.name, variant) for b in blocks for t in timesteps
@@ -200,7 +201,7 @@ def extract_text_split(
 ) -> dict[tuple[int, int], EntryKey]:
     """Caption features for every (block, step) of the grid, over the same rows as the image branch."""
     rows = prepare_ids(store, split, ex.skip_bad)
-    blocks = sorted({b % extractor.ddit.depth for b in blocks})
+    blocks = resolve_indices(blocks, extractor.ddit.depth)
     variant = text_variant(ex)
     keys = {
         (b, t): EntryKey("text", name, b, t, ex.text_pool, ex.seed, split.name, variant)

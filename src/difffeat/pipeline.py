@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difffeat.backbones.common import resolve_indices
 from difffeat.config import RunConfig, save_config
 from difffeat.data import Dataset
 from difffeat.data.core import load_image
@@ -132,7 +133,7 @@ class Experiment:
         blocks = s.image_grid_blocks if modality == "image" else s.text_grid_blocks
         steps = s.image_grid_timesteps if modality == "image" else s.text_grid_timesteps
         depth = self.depth(modality)
-        blocks = sorted({b % depth for b in blocks}) if blocks else list(range(depth))
+        blocks = resolve_indices(blocks, depth) if blocks else list(range(depth))
         default = DEFAULT_IMAGE_TIMESTEPS if modality == "image" else DEFAULT_TEXT_STEPS
         return blocks, sorted(steps or default)
 
