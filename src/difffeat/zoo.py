@@ -40,7 +40,7 @@ class DiTRecipe:
     hidden_size: int = 128
     depth: int = 6
     num_heads: int = 4
-    steps: int = 6000
+    steps: int = 2200
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -48,6 +48,7 @@ class DiTRecipe:
     ema_decay: float = 0.999
     seed: int = 0
     bf16: bool = True
+    num_threads: int = 1  # CPU threads; recorded because float reductions may depend on it
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DDiTRecipe:
     n_blocks: int = 6
     length: int = 40
     vocab_size: int = 256  # tokenizer vocabulary (the model adds one [MASK] token)
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -68,6 +69,7 @@ class DDiTRecipe:
     ema_decay: float = 0.999
     seed: int = 0
     bf16: bool = True
+    num_threads: int = 1  # CPU threads; recorded because float reductions may depend on it
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -96,6 +98,7 @@ def _write_recipe(folder: Path, recipe: object, extra: dict) -> None:
 def train_dit(images: np.ndarray, recipe: DiTRecipe, out: str | Path, log_every: int = 100) -> Path:
     """Train on uint8 images ``[N, H, W, 3]`` (H = W = recipe.input_size) with the DDPM epsilon-MSE loss."""
     torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.num_threads)
     gen = torch.Generator().manual_seed(recipe.seed)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     cfg = DiTConfig(
@@ -165,6 +168,7 @@ def ddit_loss(model: DDiT, ids: torch.Tensor, mask: torch.Tensor, gen: torch.Gen
 def train_ddit(captions: Sequence[Sequence[str]], tokenizer, recipe: DDiTRecipe, out: str | Path) -> Path:
     """Train on one randomly chosen caption of a sample per row; ``tokenizer`` is a loaded difffeat tokenizer."""
     torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.num_threads)
     gen = torch.Generator().manual_seed(recipe.seed)
     flat = [c for caps in captions for c in caps]
     ids_all, mask_all, n_trunc = tokenizer.encode_batch(flat, recipe.length)
