@@ -40,7 +40,7 @@ class DiTRecipe:
     hidden_size: int = 128
     depth: int = 6
     num_heads: int = 4
-    steps: int = 2200
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -48,7 +48,7 @@ class DiTRecipe:
     ema_decay: float = 0.999
     seed: int = 0
     bf16: bool = True
-    num_threads: int = 1  # CPU threads; recorded because float reductions may depend on it
+    num_threads: int = 2  # CPU threads; recorded because float reductions may depend on it
 
 
 @dataclass
@@ -61,7 +61,7 @@ class DDiTRecipe:
     n_blocks: int = 6
     length: int = 40
     vocab_size: int = 256  # tokenizer vocabulary (the model adds one [MASK] token)
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 200
@@ -131,11 +131,15 @@ def train_dit(images: np.ndarray, recipe: DiTRecipe, out: str | Path, log_every:
         opt.step()
         _ema_update(ema, model, recipe.ema_decay)
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            tqdm.write(f"step {step + 1}: loss {np.mean(losses[-log_every:]):.4f}")
+        _log(step, losses, log_every, start)
     folder = save_dit(ema.half(), out)
     _write_recipe(folder, recipe, _summary(losses, start, len(x_all)))
     return folder
+
+
+def _log(step: int, losses: Sequence[float], every: int, start: float) -> None:
+    if every and (step + 1) % every == 0:
+        tqdm.write(f"step {step + 1}: loss {np.mean(losses[-every:]):.4f} ({time.time() - start:.0f} s)")
 
 
 def _summary(losses: Sequence[float], start: float, n_train: int) -> dict:
@@ -165,7 +169,9 @@ def ddit_loss(model: DDiT, ids: torch.Tensor, mask: torch.Tensor, gen: torch.Gen
     return weighted.sum() / mask.sum()
 
 
-def train_ddit(captions: Sequence[Sequence[str]], tokenizer, recipe: DDiTRecipe, out: str | Path) -> Path:
+def train_ddit(
+    captions: Sequence[Sequence[str]], tokenizer, recipe: DDiTRecipe, out: str | Path, log_every: int = 100
+) -> Path:
     """Train on one randomly chosen caption of a sample per row; ``tokenizer`` is a loaded difffeat tokenizer."""
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.num_threads)
@@ -199,6 +205,7 @@ def train_ddit(captions: Sequence[Sequence[str]], tokenizer, recipe: DDiTRecipe,
         opt.step()
         _ema_update(ema, model, recipe.ema_decay)
         losses.append(loss.item())
+        _log(step, losses, log_every, start)
     folder = save_ddit(ema.half(), out)
     _write_recipe(folder, recipe, {**_summary(losses, start, len(flat)), "captions_truncated": int(n_trunc)})
     return folder
