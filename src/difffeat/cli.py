@@ -25,10 +25,13 @@ def _config(path: Path | None, sets: list[str] | None, out: str | None, extra: l
 
 
 def _run(cfg: RunConfig, steps: tuple[str, ...]) -> None:
+    """Run pipeline steps; under torchrun inside the process group (see difffeat.distributed)."""
+    from difffeat import distributed
     from difffeat.pipeline import run
 
     try:
-        run(cfg, steps)
+        with distributed.session(cfg.extract.device):
+            run(cfg, steps)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
@@ -124,3 +127,7 @@ def train_ddit_cmd(
     from difffeat.demo import train_demo_ddit
 
     train_demo_ddit(out, steps=steps, seed=seed)
+
+
+if __name__ == "__main__":  # ``python -m difffeat.cli`` / ``torchrun -m difffeat.cli``
+    app()

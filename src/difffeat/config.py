@@ -65,7 +65,10 @@ class ExtractConfig:
     shard_size: int = 512  # rows per shard file: the unit of resumption
     store_dtype: str = "float16"  # float16 | float32
     bf16: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    compile: bool = False  # torch.compile the backbone blocks (needs a C++ compiler on CPU)
+    fuse_timesteps: bool = False  # one forward for all timesteps of a batch (batch_size x timesteps rows)
+    num_workers: int = 0  # DataLoader processes decoding images for the latent cache (0: in the main process)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...; under torchrun auto/cuda = cuda:LOCAL_RANK
     skip_bad: bool = False  # record unreadable images in the store's id list instead of failing
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
 

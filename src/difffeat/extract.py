@@ -1,18 +1,23 @@
 """Feature extraction: one truncated forward per timestep, every requested block captured on the way.
 
-Both extractors return ``{(block, t): Tensor[N, D]}`` (float32, CPU) with 0-based block indices (negative
-ones are resolved against the model's depth) and, for ``pool="none"``, token tensors ``[N, T, D]``.
-Noise is drawn per sample from (seed, sample key, t, draw), so a sample's feature never depends on its batch.
+Both extractors return ``{(block, t): Tensor[N, D]}`` (float32) with 0-based block indices (negative ones are
+resolved against the model's depth) and, for ``pool="none"``, token tensors ``[N, T, D]``. Results are on the
+CPU, or with ``keep_on_device=True`` on the model's device, so a job can gather a whole shard there and copy
+it to the host once. Noise is drawn per sample from (seed, sample key, t, draw), so a sample's feature never
+depends on its batch. ``fuse_timesteps=True`` stacks the noised copies for every timestep (and ensemble draw)
+into one batch with per-sample t: one forward instead of one per timestep, the same features up to float
+rounding (a larger batch can pick other matmul kernels), so fewer, larger kernels where a device is underused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from difffeat.backbones.common import resolve_indices
 from difffeat.schedule import DDPMSchedule, LogLinearSchedule, per_sample_randn
@@ -27,6 +32,39 @@ Features = dict[tuple[int, int], torch.Tensor]
 
 def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without stalling the host: on CUDA through pinned memory, non-blocking (a copy from
+    pageable memory would wait for every kernel queued before it)."""
+    if device.type != "cuda" or x.is_cuda:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each transformer block in place. The blocks share one code object, so one compiled
+    graph serves them all, and the early-exit loop and the embeddings stay eager (nothing to recompile when
+    another block is the deepest one asked for)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def _forward(fn: Callable[..., dict[int, torch.Tensor]], compiled: bool, *args, **kwargs) -> dict[int, torch.Tensor]:
+    """Call a backbone; turn a compiler failure into an error that says how to do without it."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        if compiled and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise RuntimeError(
+                f"torch.compile of the backbone blocks failed ({type(exc).__name__}: {str(exc)[:500]}). "
+                "Set extract.compile: false to run eagerly (same features, float rounding aside)."
+            ) from exc
+        raise
+
+
+def _output(f: torch.Tensor, keep_on_device: bool) -> torch.Tensor:
+    return f if keep_on_device else f.cpu()
 
 
 def _normalise_tokens(tokens: torch.Tensor, token_norm: bool) -> torch.Tensor:
@@ -44,31 +82,48 @@ def _keys(ids: Sequence[str | int] | None, n: int) -> list[str | int]:
     return list(ids)
 
 
+def _groups(steps: Sequence[int], ensemble: int, fuse: bool) -> list[list[tuple[int, int]]]:
+    """The (step, draw) pairs that share a forward: all of them when fused, else one each."""
+    runs = [(s, draw) for s in steps for draw in range(ensemble)]
+    return [runs] if fuse else [[r] for r in runs]
+
+
+def _accumulate(out: Features, key: tuple[int, int], draw: int, f: torch.Tensor) -> None:
+    out[key] = out[key] + f if draw else f
+
+
 class ImageFeatureExtractor:
     """Pooled block outputs of a DiT for images noised to DDPM timesteps.
 
     ``vae`` is a diffusers ``AutoencoderKL`` (latent DiTs) or None (pixel-space DiTs: the image itself, in
-    [-1, 1] at the model's input size, is ``x0``).
+    [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the DiT blocks in ``torch.compile``.
     """
 
-    def __init__(self, dit, vae=None, image_size: int | None = None, sample_posterior: bool = True):
+    def __init__(
+        self, dit, vae=None, image_size: int | None = None, sample_posterior: bool = True, compile: bool = False
+    ):
         self.dit = dit.eval()
         self.encoder = LatentEncoder(vae, sample=sample_posterior) if vae is not None else None
         patch_px = 8 if vae is not None else 1
         self.image_size = image_size or dit.config.input_size * patch_px
         self.schedule = DDPMSchedule()
+        self.compiled = compile
+        if compile:
+            compile_blocks(self.dit)
 
     @property
     def device(self) -> torch.device:
         return next(self.dit.parameters()).device
 
     @torch.inference_mode()
-    def encode(self, images, ids: Sequence[str | int] | None = None, seed: int = 0) -> torch.Tensor:
-        """Images (PIL list / uint8 / float in [-1, 1]) -> ``x0`` (VAE latents, or pixels) on CPU, float32."""
+    def encode(
+        self, images, ids: Sequence[str | int] | None = None, seed: int = 0, keep_on_device: bool = False
+    ) -> torch.Tensor:
+        """Images (PIL list / uint8 / float in [-1, 1]) -> ``x0`` (VAE latents, or pixels), float32."""
         pixels = images_to_tensor(images, self.image_size)
         if self.encoder is None:
             return pixels
-        return self.encoder.encode(pixels, _keys(ids, len(pixels)), seed).cpu()
+        return _output(self.encoder.encode(pixels, _keys(ids, len(pixels)), seed), keep_on_device)
 
     @torch.inference_mode()
     def __call__(
@@ -85,6 +140,8 @@ class ImageFeatureExtractor:
         ensemble: int = 1,
         class_label: int | None = None,
         bf16: bool = False,
+        fuse_timesteps: bool = False,
+        keep_on_device: bool = False,
     ) -> Features:
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images or latents=")
@@ -94,27 +151,46 @@ class ImageFeatureExtractor:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         blocks = resolve_indices(blocks, self.dit.depth)
         timesteps = [self.schedule.check_timestep(t) for t in timesteps]
-        x0 = self.encode(images, ids, seed) if latents is None else latents.float()
-        keys = _keys(ids, len(x0))
         dev = self.device
-        x0 = x0.to(dev)
+        x0 = self.encode(images, ids, seed, keep_on_device=True) if latents is None else latents
+        x0 = to_device(x0.float(), dev)
+        keys = _keys(ids, len(x0))
         label = self.dit.null_class if class_label is None else class_label
         y = torch.full((len(x0),), label, dtype=torch.long, device=dev)
         out: Features = {}
-        for t in timesteps:
-            tt = torch.full((len(x0),), t, dtype=torch.long, device=dev)
-            for draw in range(ensemble):
-                noise = per_sample_randn(x0.shape[1:], keys, seed, t, draw)
-                xt = self.schedule.q_sample(x0, t, noise)
-                with _autocast(dev, bf16):
-                    feats = self.dit.forward_intermediates(xt, tt, y, blocks)
-                for b, tokens in feats.items():
-                    tokens = _normalise_tokens(tokens, token_norm)
-                    f = tokens.mean(dim=1) if pool == "mean" else tokens
-                    out[(b, t)] = out[(b, t)] + f if draw else f
-            for b in blocks:
-                out[(b, t)] = (out[(b, t)] / ensemble).cpu()
-        return out
+        for group in _groups(timesteps, ensemble, fuse_timesteps):
+            for b, t, draw, f in self._forward_group(x0, keys, y, group, blocks, pool, token_norm, seed, bf16):
+                _accumulate(out, (b, t), draw, f)
+        return {bt: _output(f / ensemble, keep_on_device) for bt, f in out.items()}
+
+    def _forward_group(
+        self,
+        x0: torch.Tensor,
+        keys: list[str | int],
+        y: torch.Tensor,
+        group: list[tuple[int, int]],
+        blocks: list[int],
+        pool: str,
+        token_norm: bool,
+        seed: int,
+        bf16: bool,
+    ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """One truncated forward over x0 noised for every (t, draw) of ``group``; yields (block, t, draw, feature).
+
+        Each copy is noised on its own (the same x_t as in an unfused call); the copies are stacked on the batch
+        axis with their own t, and the pooled outputs split back.
+        """
+        n, dev = len(x0), x0.device
+        noise = to_device(torch.cat([per_sample_randn(x0.shape[1:], keys, seed, t, d) for t, d in group]), dev)
+        xt = torch.cat([self.schedule.q_sample(x0, t, e) for (t, _), e in zip(group, noise.split(n), strict=True)])
+        tt = torch.tensor([t for t, _ in group], device=dev).repeat_interleave(n)
+        with _autocast(dev, bf16):
+            feats = _forward(self.dit.forward_intermediates, self.compiled, xt, tt, y.repeat(len(group)), blocks)
+        for b, tokens in feats.items():
+            tokens = _normalise_tokens(tokens, token_norm)
+            pooled = tokens.mean(dim=1) if pool == "mean" else tokens
+            for (t, draw), f in zip(group, pooled.split(n), strict=True):
+                yield b, t, draw, f
 
 
 class TextFeatureExtractor:
@@ -126,13 +202,24 @@ class TextFeatureExtractor:
     ``"concat"`` joins them into one sequence (truncated at the model's length).
     """
 
-    def __init__(self, ddit, tokenizer, max_length: int | None = None, add_special: str | None = None):
+    def __init__(
+        self,
+        ddit,
+        tokenizer,
+        max_length: int | None = None,
+        add_special: str | None = None,
+        compile: bool = False,
+    ):
         self.ddit = ddit.eval()
         self.tokenizer = tokenizer
         self.max_length = min(max_length or ddit.max_length, ddit.max_length)
         self.add_special = add_special
         self.schedule = LogLinearSchedule()
         self.num_truncated = 0  # captions truncated so far (reported by the pipeline)
+        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.compiled = compile
+        if compile:
+            compile_blocks(self.ddit)
 
     @property
     def device(self) -> torch.device:
@@ -156,10 +243,15 @@ class TextFeatureExtractor:
         return texts, row_keys, owner
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs = {"add_special": self.add_special} if self.add_special else {}
-        ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length, **kwargs)
-        self.num_truncated += int(n_trunc)
-        return ids, mask.bool()
+        """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
+        it extracts, so each caption is tokenized, and its truncation counted, once."""
+        key = tuple(texts)
+        if key not in self._tokens:
+            kwargs = {"add_special": self.add_special} if self.add_special else {}
+            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length, **kwargs)
+            self.num_truncated += int(n_trunc)
+            self._tokens[key] = (ids, mask.bool())
+        return self._tokens[key]
 
     @torch.inference_mode()
     def __call__(
@@ -175,6 +267,8 @@ class TextFeatureExtractor:
         ensemble: int = 1,
         caption_reduce: str = "mean",
         bf16: bool = False,
+        fuse_timesteps: bool = False,
+        keep_on_device: bool = False,
     ) -> Features:
         if pool not in TEXT_POOLS:
             raise ValueError(f"pool {pool!r} is not one of {TEXT_POOLS}")
@@ -187,21 +281,41 @@ class TextFeatureExtractor:
         keys = _keys(ids, len(captions))
         texts, row_keys, owner = self._texts(captions, keys, caption_reduce)
         tok, mask = self.tokenize(texts)
-        dev = self.device
-        tok, mask = tok.to(dev), mask.to(dev)
         out: Features = {}
-        for s in steps:
-            sigma = self.schedule.sigma(self.schedule.t_of_step(s)).float().expand(len(tok)).to(dev)
-            for draw in range(ensemble):
-                noisy = self.schedule.corrupt(tok, mask, row_keys, s, self.ddit.mask_index, seed, draw)
-                with _autocast(dev, bf16):
-                    feats = self.ddit.forward_intermediates(noisy, sigma, blocks, attention_mask=mask)
-                for b, tokens in feats.items():
-                    f = self._pool(_normalise_tokens(tokens, token_norm), mask, pool)
-                    out[(b, s)] = out[(b, s)] + f if draw else f
-            for b in blocks:
-                out[(b, s)] = self._reduce(out[(b, s)] / ensemble, owner, len(keys)).cpu()
-        return out
+        for group in _groups(steps, ensemble, fuse_timesteps):
+            for b, s, draw, f in self._forward_group(tok, mask, row_keys, group, blocks, pool, token_norm, seed, bf16):
+                _accumulate(out, (b, s), draw, f)
+        return {bs: _output(self._reduce(f / ensemble, owner, len(keys)), keep_on_device) for bs, f in out.items()}
+
+    def _forward_group(
+        self,
+        tok: torch.Tensor,
+        mask: torch.Tensor,
+        row_keys: list[str],
+        group: list[tuple[int, int]],
+        blocks: list[int],
+        pool: str,
+        token_norm: bool,
+        seed: int,
+        bf16: bool,
+    ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """One forward over the captions corrupted for every (step, draw) of ``group``, stacked with their own
+        sigma; yields (block, step, draw, pooled rows). Corruption runs on the CPU ids (per-caption seeded
+        draws), so the device gets one copy and no per-caption indexing."""
+        n, dev = len(tok), self.device
+        mask_index = self.ddit.mask_index
+        noisy = torch.cat([self.schedule.corrupt(tok, mask, row_keys, s, mask_index, seed, d) for s, d in group])
+        sigma = torch.cat([self.schedule.sigma(self.schedule.t_of_step(s)).float().expand(n) for s, _ in group])
+        mask_dev = to_device(mask, dev).repeat(len(group), 1)
+        with _autocast(dev, bf16):
+            feats = _forward(
+                self.ddit.forward_intermediates, self.compiled, to_device(noisy, dev), to_device(sigma, dev), blocks,
+                attention_mask=mask_dev,
+            )  # fmt: skip
+        for b, tokens in feats.items():
+            pooled = self._pool(_normalise_tokens(tokens, token_norm), mask_dev, pool)
+            for (s, draw), f in zip(group, pooled.split(n), strict=True):
+                yield b, s, draw, f
 
     @staticmethod
     def _pool(tokens: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from difffeat import distributed
 from difffeat.backbones.common import resolve_indices
 from difffeat.config import RunConfig, save_config
 from difffeat.data import Dataset
@@ -62,7 +63,7 @@ def load_data(cfg: RunConfig) -> Dataset:
 
     kwargs = dict(cfg.data.options)
     if cfg.data.root is not None:
-        kwargs["root" if cfg.data.kind != "manifest" else "path"] = cfg.data.root
+        kwargs[{"manifest": "path", "demo": "cache_dir"}.get(cfg.data.kind, "root")] = cfg.data.root
     ds = load_dataset(cfg.data.kind, **kwargs)
     if cfg.data.limit:
         for split in ds.splits.values():
@@ -106,7 +107,9 @@ class Experiment:
         m = self.cfg.image
         dit = load_dit(m.dit, numerics=m.numerics).to(self.device)
         vae = load_vae(m.vae).to(self.device) if m.vae else None
-        return ImageFeatureExtractor(dit, vae, image_size=m.image_size, sample_posterior=m.sample_posterior)
+        return ImageFeatureExtractor(
+            dit, vae, image_size=m.image_size, sample_posterior=m.sample_posterior, compile=self.cfg.extract.compile
+        )
 
     @cached_property
     def text_extractor(self):
@@ -117,7 +120,9 @@ class Experiment:
         m = self.cfg.text
         ddit = load_ddit(m.ddit).to(self.device)
         tok = load_tokenizer(m.tokenizer or _default_tokenizer(m.ddit), kind=ddit.config.kind)
-        return TextFeatureExtractor(ddit, tok, max_length=m.max_length, add_special=m.add_special)
+        return TextFeatureExtractor(
+            ddit, tok, max_length=m.max_length, add_special=m.add_special, compile=self.cfg.extract.compile
+        )
 
     def model_name(self, modality: str) -> str:
         m = self.cfg.image if modality == "image" else self.cfg.text
@@ -254,12 +259,18 @@ def step_extract(exp: Experiment) -> None:
         exp.ensure(m, blocks, steps, exp.cfg.data.splits)
 
 
+def extract_grid(exp: Experiment) -> None:
+    """Every cell of the sweep grid for train and val (what the sweep probes)."""
+    for m in exp.modalities:
+        exp.ensure(m, *exp.grid(m), ["train", "val"])
+
+
 def step_sweep(exp: Experiment) -> dict[str, np.ndarray]:
     """The full grid per modality: extraction of every cell, then one probe per cell (CSV, resumable)."""
+    extract_grid(exp)
     tables = {}
     for m in exp.modalities:
         blocks, steps = exp.grid(m)
-        exp.ensure(m, blocks, steps, ["train", "val"])
         res = run_sweep(
             lambda b, t, split, m=m: exp.features(m, (b, t), split),
             blocks, steps, exp.targets("train"), exp.targets("val"), exp.probe_config(),
@@ -432,14 +443,28 @@ def run(cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evalu
     """Run the experiment: each step resumes from what the run folder already holds.
 
     ``sweep`` only runs in grid mode; in search mode the search extracts and probes the cells it visits.
+
+    Under torchrun (:mod:`difffeat.distributed`) every rank takes its share of the extraction (the extract
+    section, and in grid mode the sweep grid); then the other ranks return and rank 0 runs the rest alone over
+    the merged store, extracting by itself whatever a later step still asks for (the cells a local search
+    visits, the test split of the chosen cells).
     """
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {STEPS}")
-    exp = Experiment(cfg)
+    where = distributed.info()
+    exp = Experiment(cfg, where.rank, where.world)
+    with distributed.rank_zero_first(where.rank, where.world):  # a reader's cache is written by rank 0 alone
+        _ = exp.data
     start = time.time()
     if "extract" in steps:
         step_extract(exp)
+    if where.world > 1:
+        if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps):
+            extract_grid(exp)
+        if not where.is_main:
+            return exp
+        exp.dist = {"rank": 0, "world": 1}
     tables = step_sweep(exp) if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps) else None
     if "search" in steps:
         step_search(exp, tables)
