@@ -207,13 +207,11 @@ class TextFeatureExtractor:
         ddit,
         tokenizer,
         max_length: int | None = None,
-        add_special: str | None = None,
         compile: bool = False,
     ):
         self.ddit = ddit.eval()
         self.tokenizer = tokenizer
         self.max_length = min(max_length or ddit.max_length, ddit.max_length)
-        self.add_special = add_special
         self.schedule = LogLinearSchedule()
         self.num_truncated = 0  # captions truncated so far (reported by the pipeline)
         self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -247,8 +245,7 @@ class TextFeatureExtractor:
         it extracts, so each caption is tokenized, and its truncation counted, once."""
         key = tuple(texts)
         if key not in self._tokens:
-            kwargs = {"add_special": self.add_special} if self.add_special else {}
-            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length, **kwargs)
+            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length)
             self.num_truncated += int(n_trunc)
             self._tokens[key] = (ids, mask.bool())
         return self._tokens[key]

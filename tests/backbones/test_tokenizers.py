@@ -61,13 +61,19 @@ def test_truncation_is_counted_and_padding_masked(json_path) -> None:
 
 
 @pytest.mark.parametrize(("kind", "add_special"), [("sedd", "eos"), ("mdlm", "bos_eos"), (None, "none")])
-def test_special_tokens_follow_the_model_kind(json_path, kind: str | None, add_special: str) -> None:
-    tok = load_tokenizer(json_path, kind=kind)
+def test_gpt2_style_special_tokens_follow_the_model_kind(json_path, folder, kind: str | None, add_special: str) -> None:
+    tok = load_tokenizer(folder, kind=kind)
     assert tok.add_special == add_special
     plain, _, _ = load_tokenizer(json_path).encode_batch(["a dog"], max_length=8)
     ids, mask, _ = tok.encode_batch(["a dog"], max_length=8)
     head, tail = {"none": ([], []), "eos": ([], [3]), "bos_eos": ([2], [3])}[add_special]  # [BOS] 2, [EOS] 3
     assert ids[0, : int(mask.sum())].tolist() == head + plain[0].tolist() + tail
+
+
+@pytest.mark.parametrize("kind", ["sedd", "mdlm", None])
+def test_our_tokenizer_files_add_nothing_by_default_as_in_zoo_training(json_path, kind: str | None) -> None:
+    assert load_tokenizer(json_path, kind=kind).add_special == "none"
+    assert load_tokenizer(json_path, kind=kind, add_special="eos").add_special == "eos"
 
 
 def test_truncation_keeps_the_special_tokens(json_path) -> None:

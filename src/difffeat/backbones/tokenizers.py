@@ -74,16 +74,16 @@ class TextTokenizer:
 
 def load_tokenizer(source: str | Path, *, add_special: str | None = None, kind: str | None = None) -> TextTokenizer:
     """A ``tokenizer.json`` file (or a folder holding only one) via ``tokenizers``; else a hub id ("gpt2") or
-    folder via ``transformers.AutoTokenizer``. ``add_special`` defaults to what the model ``kind`` saw in
-    training ("sedd" -> "eos", "mdlm" -> "bos_eos"), or "none" when the kind is not given.
+    folder via ``transformers.AutoTokenizer``. ``add_special`` defaults to what the model saw in training:
+    for GPT-2 tokenizers what the model ``kind`` did ("sedd" -> "eos", "mdlm" -> "bos_eos"); for a
+    ``tokenizers`` file "none", because ``difffeat zoo train-ddit`` trains on bare captions.
     """
-    add_special = add_special or SPECIALS_BY_KIND.get(kind or "", "none")
     path = Path(source)
     if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         path = path / "tokenizer.json"
     if path.is_file() and path.suffix == ".json":
-        return _from_tokenizers_file(path, add_special)
-    return _from_transformers(str(source), add_special)
+        return _from_tokenizers_file(path, add_special or "none")
+    return _from_transformers(str(source), add_special or SPECIALS_BY_KIND.get(kind or "", "none"))
 
 
 def _from_tokenizers_file(path: Path, add_special: str) -> TextTokenizer:
