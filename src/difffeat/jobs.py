@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from difffeat.backbones.common import resolve_indices
 from difffeat.config import ExtractConfig, ImageModelConfig, TextModelConfig
 from difffeat.data.core import DataError, Split, load_image
 from difffeat.distributed import barrier, rank_zero_first
 from difffeat.extract import to_device
+from difffeat.progress import progress
 from difffeat.store import EntryKey, FeatureStore
 from difffeat.vae import images_to_tensor
 
@@ -168,7 +168,7 @@ def fill_entries(
     desc = f"{desc} [rank {rank}]" if world > 1 else desc
     with (
         ShardWriter(store) as writer,
-        tqdm(total=mine, initial=mine - len(pending), desc=desc, unit="shard", disable=None) as bar,
+        progress(total=mine, initial=mine - len(pending), desc=desc, unit="shard") as bar,
     ):
         for s in pending:
             arrays = compute(s * shard_size, min(num_rows, (s + 1) * shard_size))
@@ -206,7 +206,7 @@ def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
     rows = list(range(len(split)))
     if skip_bad:
         rows = []
-        for i, s in enumerate(tqdm(split.samples, desc=f"check images {split.name}", disable=None)):
+        for i, s in enumerate(progress(split.samples, desc=f"check images {split.name}")):
             try:
                 load_image(s)
                 rows.append(i)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from difffeat._train import (
     ArrayLike,
@@ -41,6 +40,7 @@ from difffeat._train import (
     to_float32,
     train_head,
 )
+from difffeat.progress import progress as progress_bar
 
 __all__ = ["HistoryRow", "ProbeConfig", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "run_sweep"]
 
@@ -190,7 +190,7 @@ def run_sweep(
     done = _read_rows(Path(csv_path)) if csv_path is not None else {}
     todo = [(b, t) for b in blocks for t in timesteps if (b, t) not in done]
     result = SweepResult(blocks, timesteps, [done[b, t] for b in blocks for t in timesteps if (b, t) in done])
-    bar = tqdm(todo, desc="probe sweep", disable=not progress, unit="cell")
+    bar = progress_bar(todo, desc="probe sweep", enabled=progress, unit="cell")
     for block, t in bar:
         row = _probe_cell(get_features, block, t, train_y, val_y, cfg)
         result.rows.append(row)
