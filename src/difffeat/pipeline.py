@@ -43,6 +43,7 @@ from difffeat.jobs import (
 )
 from difffeat.metrics import multilabel_metrics, single_label_metrics
 from difffeat.probe import ProbeConfig, fit_probe, run_sweep
+from difffeat.progress import progress
 from difffeat.search import SearchResult, local_search
 from difffeat.store import EntryKey, FeatureStore, atomic_write_json
 from difffeat.vae import center_crop_arr
@@ -119,10 +120,10 @@ class Experiment:
 
         m = self.cfg.text
         ddit = load_ddit(m.ddit).to(self.device)
-        tok = load_tokenizer(m.tokenizer or _default_tokenizer(m.ddit), kind=ddit.config.kind)
-        return TextFeatureExtractor(
-            ddit, tok, max_length=m.max_length, add_special=m.add_special, compile=self.cfg.extract.compile
+        tok = load_tokenizer(
+            m.tokenizer or _default_tokenizer(m.ddit), add_special=m.add_special, kind=ddit.config.kind
         )
+        return TextFeatureExtractor(ddit, tok, max_length=m.max_length, compile=self.cfg.extract.compile)
 
     def model_name(self, modality: str) -> str:
         m = self.cfg.image if modality == "image" else self.cfg.text
@@ -337,7 +338,7 @@ def step_fit(exp: Experiment) -> dict[str, FusionResult]:
     heads_dir.mkdir(exist_ok=True)
     specs = _head_specs(exp, cells)
     results = {}
-    for name, (inputs, overrides) in tqdm(specs.items(), desc="fit heads", disable=None):
+    for name, (inputs, overrides) in progress(specs.items(), desc="fit heads"):
         path = heads_dir / f"{name}.safetensors"
         if path.exists():
             results[name] = FusionResult.load(path)
