@@ -229,8 +229,10 @@ def _weighted(rng: np.random.Generator, probs: Sequence[float]) -> int:
 
 
 @lru_cache(maxsize=1)
+@lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 1797 8x8 digits as alpha masks in [0, 1] and their targets (ships with scikit-learn)."""
+    """sklearn's 1797 8x8 digits as alpha masks in [0, 1] and their targets (ships with scikit-learn); cached,
+    as ``load_digits`` re-reads its CSV on every call."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
