@@ -243,3 +243,49 @@ def test_to_dict_is_json_serialisable():
 def test_invalid_inputs_are_rejected(grids, starts, message):
     with pytest.raises(ValueError, match=message):
         local_search(single(lambda cell: 0.0), None, grids, starts=starts)
+
+
+@pytest.mark.parametrize("peak", [(5, 200), (27, 0), (20, 850), (14, 500)])
+def test_first_improvement_reaches_the_same_peak_as_steepest_ascent_with_fewer_evaluations(peak):
+    first, best = single(cone(peak)), single(cone(peak))
+    a = local_search(first, None, IMAGE_GRID, strategy="first")
+    b = local_search(best, None, IMAGE_GRID, strategy="best")
+    assert a.best["image"] == b.best["image"] == peak
+    assert first.calls <= best.calls
+    if peak != (14, 500):  # a walk: about one evaluation per step, plus the final neighbourhood
+        assert first.calls < best.calls
+        assert first.calls <= len(a.path["image"]) + 8 + 2 * 3
+
+
+@pytest.mark.parametrize("strategy", ["first", "best"])
+def test_the_final_cell_is_a_local_optimum_with_every_neighbour_scored(strategy):
+    landscape = lambda cell: math.sin(cell[0] / 3.0) + math.cos(STEPS.index(cell[1]) / 2.0)  # noqa: E731
+    result = local_search(single(landscape), None, IMAGE_GRID, strategy=strategy)
+    end = result.best["image"]
+    bi, ti = end[0], STEPS.index(end[1])
+    neighbours = [(bi + db, STEPS[ti + dt]) for db in (-1, 0, 1) for dt in (-1, 0, 1)
+                  if (db, dt) != (0, 0) and 0 <= bi + db < 28 and 0 <= ti + dt < 20]  # fmt: skip
+    scored = {tuple(r.key) for r in result.evaluations}
+    assert set(neighbours) <= scored
+    assert all(landscape(n) <= landscape(end) for n in neighbours)
+
+
+def test_first_improvement_tries_the_continuing_step_then_axes_then_diagonals():
+    calls = []
+
+    def record(modality, cell):
+        calls.append(cell)
+        return -lattice_distance(cell, (10, 400))  # peak straight up the block axis from the start
+
+    local_search(record, None, IMAGE_GRID, starts={"image": (14, 400)}, strategy="first")
+    # from (14, 400): axis steps before diagonals, so (13, 400) is the 2nd or 3rd call; then momentum: one call
+    # per step (12, 400), (11, 400), (10, 400), then the peak's neighbourhood
+    assert calls[0] == (14, 400) and (13, 400) in calls[1:3]
+    i = calls.index((13, 400))
+    assert calls[i + 1 : i + 4] == [(12, 400), (11, 400), (10, 400)]
+    assert len(calls) == i + 4 + 7  # the peak's 8 neighbours less the one it came from
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(ValueError, match="strategy"):
+        local_search(single(lambda cell: 0.0), None, IMAGE_GRID, strategy="random")

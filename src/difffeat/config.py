@@ -96,6 +96,7 @@ class SearchSettings:
     text_start: list[int] | None = None  # default: deepest block, t = 0
     budget: int | None = None
     radius: int = 1
+    strategy: str = "first"  # first: first improving neighbour (momentum first) | best: steepest ascent
 
 
 @dataclass

@@ -306,7 +306,7 @@ def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) ->
     s = exp.cfg.search
     result = local_search(
         single, exp.pair_score if len(grids) == 2 else None, grids, starts,
-        budget=s.budget, radius=s.radius, cache=cache, log=log,
+        budget=s.budget, radius=s.radius, cache=cache, log=log, strategy=s.strategy,
     )  # fmt: skip
     if tables is not None:  # pair evaluations are real fits: keep them for a resumed run
         atomic_write_json(cache_path, {k: v for k, v in cache.items() if k.startswith("pair")})

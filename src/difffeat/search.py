@@ -7,11 +7,14 @@ walks the grid from a sensible start and only evaluates cells next to where it s
 1. Each modality gets its own lattice: the sorted block indices on one axis and the sorted timesteps on the other.
    The search starts at a default cell taken from the paper's findings (image: the middle block at a middle
    timestep; text: the deepest block with no noise) unless the caller gives a start.
-2. It evaluates the start and all its neighbours (one step along the block axis, one step along the timestep
-   axis, and the diagonals; ``radius`` widens the step) and moves to the best neighbour, but only if that
-   neighbour beats the current cell by more than ``min_delta``.
-3. It repeats from the new cell until no neighbour is better, which is a local optimum. Ties never count as an
-   improvement, so the search cannot wander forever on a flat plateau.
+2. Its neighbours are the cells one step away along the block axis, the timestep axis, or both (diagonals;
+   ``radius`` widens the step). With ``strategy="first"`` (default) it tries them in order, the cell that
+   continues its last move first, then axis steps, then diagonals, and moves to the first one that beats the
+   current cell by more than ``min_delta``; a walk along a slope thus costs about one evaluation per step. With
+   ``strategy="best"`` it scores every neighbour and moves to the best (steepest ascent).
+3. It repeats from the new cell until no neighbour is better, which is a local optimum under either strategy
+   (every neighbour of the final cell has been scored). Ties never count as an improvement, so the search
+   cannot wander forever on a flat plateau.
 4. The fused stage starts from the pair of unimodal optima and scores the fused model of image and text cells.
    It moves one modality at a time: first the image cell moves to its neighbours while the text cell stays fixed,
    then the text cell moves while the image cell stays fixed, swapping which modality moves after every turn.
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass
 Cell = tuple[int, int]
 PairKey = tuple[Cell, Cell]
 MODALITIES = ("image", "text")
+STRATEGIES = ("first", "best")
 
 
 @dataclass(frozen=True)
@@ -197,34 +201,52 @@ class _Scorer:
 
 def _hill_climb(
     start: object,
-    move_sets: Sequence[Callable[[object], list]],
+    move_sets: Sequence[Callable[[object, object | None], list]],
     score: Callable[[object], float | None],
     min_delta: float,
+    strategy: str = "first",
 ) -> tuple[list, float] | None:
     """Greedy ascent that cycles through ``move_sets`` (one per turn) until a full cycle brings no improvement.
 
-    With one move set this is plain hill climbing; the pair stage passes two (move image, move text). A move is
-    taken only if it beats the current score by more than ``min_delta``, so the score rises strictly along the
-    path and the climb terminates on any finite grid. Returns (path, final score), or None if the start itself
-    could not be scored.
+    A move set maps ``(current, previous)`` to candidate moves in the order to try them. With one move set this
+    is plain hill climbing; the pair stage passes two (move image, move text). A move is taken only if it beats
+    the current score by more than ``min_delta``, so the score rises strictly along the path and the climb
+    terminates on any finite grid. ``strategy`` "first" takes the first such candidate, "best" scores them all
+    and takes the best. Returns (path, final score), or None if the start itself could not be scored.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     current_score = score(start)
     if current_score is None:
         return None
     path, current = [start], start
     turn = failures = 0
     while failures < len(move_sets):
-        candidates = move_sets[turn % len(move_sets)](current)
-        scored = [(value, cell) for cell in candidates if (value := score(cell)) is not None]
-        best = max(scored, key=lambda item: _rank(item[0]), default=None)
-        if best is not None and _rank(best[0]) > _rank(current_score) + min_delta:
-            current_score, current = best
+        candidates = move_sets[turn % len(move_sets)](current, path[-2] if len(path) > 1 else None)
+        best = _first_better if strategy == "first" else _best_of
+        found = best(candidates, score, _rank(current_score) + min_delta)
+        if found is not None:
+            current_score, current = found
             path.append(current)
             failures = 0
         else:
             failures += 1
         turn += 1
     return path, current_score
+
+
+def _first_better(candidates: list, score: Callable[[object], float | None], bar: float) -> tuple | None:
+    for cell in candidates:
+        value = score(cell)
+        if value is not None and _rank(value) > bar:
+            return value, cell
+    return None
+
+
+def _best_of(candidates: list, score: Callable[[object], float | None], bar: float) -> tuple | None:
+    scored = [(value, cell) for cell in candidates if (value := score(cell)) is not None]
+    best = max(scored, key=lambda item: _rank(item[0]), default=None)
+    return best if best is not None and _rank(best[0]) > bar else None
 
 
 class _Lattice:
@@ -255,15 +277,22 @@ class _Lattice:
             )
         return cell
 
-    def neighbours(self, cell: Cell) -> list[Cell]:
-        """Cells within ``radius`` steps along block, timestep, or both (diagonals), in a fixed order."""
+    def neighbours(self, cell: Cell, previous: Cell | None = None) -> list[Cell]:
+        """Cells within ``radius`` steps along block, timestep, or both (diagonals), in the order to try them:
+        the step that continues the move ``previous -> cell`` first, then axis steps, then diagonals (nearest
+        first within each group, ties in a fixed order)."""
         bi, ti = self.blocks.index(cell[0]), self.timesteps.index(cell[1])
         steps = range(-self.radius, self.radius + 1)
+        moves = [(db, dt) for db in steps for dt in steps if (db, dt) != (0, 0)]
+        momentum = None
+        if previous is not None:
+            pb, pt = self.blocks.index(previous[0]), self.timesteps.index(previous[1])
+            momentum = (bi - pb, ti - pt)
+        moves.sort(key=lambda m: (m != momentum, m[0] != 0 and m[1] != 0, max(abs(m[0]), abs(m[1]))))
         return [
             (self.blocks[bi + db], self.timesteps[ti + dt])
-            for db in steps
-            for dt in steps
-            if (db, dt) != (0, 0) and 0 <= bi + db < len(self.blocks) and 0 <= ti + dt < len(self.timesteps)
+            for db, dt in moves
+            if 0 <= bi + db < len(self.blocks) and 0 <= ti + dt < len(self.timesteps)
         ]
 
 
@@ -293,6 +322,7 @@ def local_search(
     cache: dict | None = None,
     log: Callable[[EvalRecord], object] | None = None,
     min_delta: float = 0.0,
+    strategy: str = "first",
 ) -> SearchResult:
     """Find a locally optimal (block, t) per modality and a locally optimal image×text pair (see module doc).
 
@@ -307,6 +337,7 @@ def local_search(
         cache: memo dict, mutated in place and JSON-serialisable; pass the same dict again to resume.
         log: called with each :class:`EvalRecord` as it is made (``print`` works; so does persisting ``cache``).
         min_delta: a move must beat the current score by more than this; ties never count.
+        strategy: "first" (first improving neighbour, momentum first) or "best" (steepest ascent).
     """
     if budget is not None and budget < 0:
         raise ValueError(f"budget must be >= 0 or None, got {budget}")
@@ -325,7 +356,8 @@ def local_search(
         def score_cell(cell: Cell, name: str = name) -> float | None:
             return scorer("unimodal", name, cell, lambda: evaluate_single(name, cell))
 
-        climbed = _hill_climb(starts.get(name, lattice.default_start()), [lattice.neighbours], score_cell, min_delta)
+        start = starts.get(name, lattice.default_start())
+        climbed = _hill_climb(start, [lattice.neighbours], score_cell, min_delta, strategy)
         if climbed is not None:
             paths[name], best_scores[name] = climbed
             best[name] = paths[name][-1]
@@ -333,7 +365,7 @@ def local_search(
     run_pair = evaluate_pair is not None and len(lattices) == 2
     pair_path, pair_score = [], None
     if run_pair and len(best) == 2:
-        climbed = _pair_climb(evaluate_pair, lattices, (best["image"], best["text"]), scorer, min_delta)
+        climbed = _pair_climb(evaluate_pair, lattices, (best["image"], best["text"]), scorer, min_delta, strategy)
         if climbed is not None:
             pair_path, pair_score = climbed
 
@@ -360,16 +392,19 @@ def _pair_climb(
     start: PairKey,
     scorer: _Scorer,
     min_delta: float,
+    strategy: str,
 ) -> tuple[list[PairKey], float] | None:
     """Fused stage: alternate between moving the image cell (text fixed) and the text cell (image fixed)."""
 
     def score_pair(pair: PairKey) -> float | None:
         return scorer("pair", "pair", pair, lambda: evaluate_pair(*pair))
 
-    def move_image(pair: PairKey) -> list[PairKey]:
-        return [(cell, pair[1]) for cell in lattices["image"].neighbours(pair[0])]
+    def move_image(pair: PairKey, previous: PairKey | None) -> list[PairKey]:
+        before = previous[0] if previous is not None and previous[1] == pair[1] else None
+        return [(cell, pair[1]) for cell in lattices["image"].neighbours(pair[0], before)]
 
-    def move_text(pair: PairKey) -> list[PairKey]:
-        return [(pair[0], cell) for cell in lattices["text"].neighbours(pair[1])]
+    def move_text(pair: PairKey, previous: PairKey | None) -> list[PairKey]:
+        before = previous[1] if previous is not None and previous[0] == pair[0] else None
+        return [(pair[0], cell) for cell in lattices["text"].neighbours(pair[1], before)]
 
-    return _hill_climb(start, [move_image, move_text], score_pair, min_delta)
+    return _hill_climb(start, [move_image, move_text], score_pair, min_delta, strategy)
