@@ -123,3 +123,14 @@ def test_out_of_range_block_is_reported_with_the_value(tmp_path, models):
     cfg = write_config(tmp_path / "c.yaml", models, tmp_path / "run", n_train=8, image_blocks=[9])
     failed = extract(cfg, check=False)
     assert failed.returncode == 2 and "block 9 is out of range" in failed.stderr
+
+
+def test_bf16_features_get_their_own_store_entries_and_fused_or_compiled_runs_share():
+    from difffeat.config import ExtractConfig, ImageModelConfig
+    from difffeat.jobs import image_variant, text_variant
+
+    plain, model = ExtractConfig(), ImageModelConfig()
+    assert "bf16" in image_variant(model, ExtractConfig(bf16=True)) and "bf16" not in image_variant(model, plain)
+    assert text_variant(ExtractConfig(bf16=True)) == text_variant(plain) + "-bf16"
+    same = ExtractConfig(fuse_timesteps=True, compile=True)
+    assert image_variant(model, same) == image_variant(model, plain) and text_variant(same) == text_variant(plain)

@@ -217,15 +217,17 @@ def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
 
 
 def image_variant(model: ImageModelConfig, ex: ExtractConfig) -> str:
+    """The store entry's variant: every setting that changes the features beyond float rounding (bf16 does;
+    fuse_timesteps and compile do not, so they share entries with the plain run)."""
     parts = [f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
     parts += [f"y{model.class_label}" if model.class_label is not None else ""]
-    parts += ["dnum" if model.numerics == "diffusers" else ""]
+    parts += ["dnum" if model.numerics == "diffusers" else "", "bf16" if ex.bf16 else ""]
     return "-".join(p for p in parts if p)
 
 
 def text_variant(ex: ExtractConfig) -> str:
     parts = [f"c{ex.caption_reduce}", f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
-    return "-".join(p for p in parts if p)
+    return "-".join(p for p in [*parts, "bf16" if ex.bf16 else ""] if p)
 
 
 class _Pixels(torch.utils.data.Dataset):

@@ -252,8 +252,9 @@ def test_invalid_requests():
             model.forward_intermediates(x, 5, 1, blocks)
     with pytest.raises(ValueError, match="expected input"):
         model(torch.zeros(2, 4, 16, 16), 5, 1)
-    with pytest.raises(ValueError, match="class labels"):
-        model(x, 5, NULL + 1)
+    for bad in (NULL + 1, -1, torch.tensor([0, NULL + 1]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="class labels"):
+            model(x, 5, bad)
     with pytest.raises(ValueError, match="shape"):
         model(x, torch.tensor([1, 2, 3]), 1)
     torch.testing.assert_close(model(x, 5), model(x, torch.tensor([5, 5]), torch.tensor([NULL, NULL])))

@@ -327,9 +327,13 @@ class DiT(nn.Module):
             if self.null_class is None:
                 raise ValueError("this model has no null class (class_dropout_prob=0): pass labels y")
             y = self.null_class
-        y = _per_sample(y, n, "y", x.device)
         rows = self.y_embedder.embedding_table.num_embeddings
-        if y.is_floating_point() or bool(((y < 0) | (y >= rows)).any()):
+        if isinstance(y, int) and not 0 <= y < rows:
+            raise ValueError(f"class labels must be integers in 0..{rows - 1}, got {y}")
+        y = _per_sample(y, n, "y", x.device)
+        # The value check reads the tensor back, a host sync per forward on a GPU: done on CPU tensors only
+        # (the extractors pass Python ints); on a GPU an out-of-range label trips the embedding's device assert.
+        if y.is_floating_point() or (y.device.type == "cpu" and bool(((y < 0) | (y >= rows)).any())):
             raise ValueError(f"class labels must be integers in 0..{rows - 1}, got {y.tolist()}")
         c = self.t_embedder(_per_sample(t, n, "t", x.device)) + self.y_embedder(y)
         return self.x_embedder(x) + self.pos_embed, c
