@@ -75,3 +75,14 @@ def test_leftover_temp_files_do_not_count_as_shards(tmp_path):
     d.mkdir(parents=True)
     (d / ".shard-00000.npy.abc.tmp").write_bytes(b"torn")
     assert not st.has_shard(k, 0)
+
+
+def test_finished_files_are_as_readable_as_ordinary_files(tmp_path):
+    from difffeat.store import FILE_MODE, atomic_save_npy, atomic_write_json
+
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_save_npy(tmp_path / "b.npy", np.zeros(3))
+    ordinary = tmp_path / "c"
+    ordinary.write_text("")
+    for name in ("a.json", "b.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == FILE_MODE == ordinary.stat().st_mode & 0o777
