@@ -138,7 +138,7 @@ def test_empty_optional_sections_are_left_out(tmp_path):
         notes=[],
     )
     sections = re.findall(r'<section id="(\w+)">', path.read_text(encoding="utf-8"))
-    assert sections == ["configuration", "metrics"]
+    assert sections == ["metrics", "configuration"]  # results first, configuration last
 
 
 def test_non_png_images_are_refused(tmp_path):

@@ -247,15 +247,16 @@ def render_report(
     dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. Sections with nothing to show are left out,
     except configuration and metrics, which every report has.
     """
+    # What a reader looks for first comes first: results and the run's checks; the configuration closes the page.
     candidates = [
-        ("configuration", "Configuration", _config_section(config)),
         ("metrics", "Metrics (fused vs unimodal, %)", _table(metrics_table)),
+        ("notes", "Checks and notes", _notes(notes) if notes else ""),
         ("ablation", "Ablation", _table(ablation_table) if ablation_table else ""),
         ("heatmaps", "Validation heatmaps and search path", _figures(heatmaps)),
         ("search", "Local search", _search_section(search) if search else ""),
         ("tsne", "t-SNE", _figure(tsne, "t-SNE of the test features, coloured by class") if tsne else ""),
         ("clustering", "Clustering scores", _table(clustering, CLUSTERING_BETTER) if clustering else ""),
-        ("notes", "Notes", _notes(notes) if notes else ""),
+        ("configuration", "Configuration", _config_section(config)),
     ]
     sections = [section for section in candidates if section[2] or section[0] in ("configuration", "metrics")]
     return _write_atomic(path, _document(title, sections))
