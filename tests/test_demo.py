@@ -33,7 +33,7 @@ def test_quick_demo_writes_a_complete_run_with_metrics_in_range(tmp_path):
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["test"]) >= {"fused", "image", "text", "concat", "pixels", "random_init_image"}
+    assert set(m["test"]) >= {"fused", "image", "text", "concat", "pixels", "random_init_image", "random_init_text"}
     for name, res in m["test"].items():
         for key in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3"):
             assert math.isfinite(res[key]) and 0 <= res[key] <= 100, (name, key, res[key])

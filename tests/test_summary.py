@@ -18,8 +18,9 @@ def search(image=50.0, text=60.0, evaluations=6):
             "grid_cells": {"image": 12, "text": 6, "pair": 72}}  # fmt: skip
 
 
-def results(fused=70.0, image=50.0, text=60.0, pixels=40.0, random_init=45.0):
-    named = {"fused": fused, "image": image, "text": text, "pixels": pixels, "random_init_image": random_init}
+def results(fused=70.0, image=50.0, text=60.0, pixels=40.0, random_init=45.0, random_text=50.0):
+    named = {"fused": fused, "image": image, "text": text, "pixels": pixels, "random_init_image": random_init,
+             "random_init_text": random_text}  # fmt: skip
     return {name: {"mAP": v} for name, v in named.items()}
 
 
@@ -29,6 +30,7 @@ def test_a_working_run_passes_every_check():
         "fused_above_image_and_text": True,
         f"image_above_pixels_by_{CLEAR_MARGIN:g}": True,
         f"image_above_random_init_image_by_{CLEAR_MARGIN:g}": True,
+        f"text_above_random_init_text_by_{CLEAR_MARGIN:g}": True,
         "image_best_t_below_grid_max": True,
         "text_best_step_at_low_noise": True,
         "image_search_within_0.5_of_grid": True,
@@ -39,7 +41,7 @@ def test_a_working_run_passes_every_check():
 
 def test_each_failure_is_reported():
     out = claims(
-        results(fused=55.0, image=46.0, pixels=45.0, random_init=45.0),  # fused below text; image only 1 above both
+        results(fused=55.0, image=46.0, pixels=45.0, random_init=45.0, random_text=59.0),  # fused < text; 1 above
         search(image=49.0, text=59.0, evaluations=7),  # 1 below the grid optima; 7 > 18 / 3 evaluations
         tables(image_best=(2, 3), text_best=(0, 2)),  # image best at t = 999, text best at step 750
         GRIDS,

@@ -290,7 +290,9 @@ def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) ->
     grids = {m: exp.grid(m) for m in exp.modalities}
     starts = _starts(exp, grids)
     cache_path = exp.out / "search_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() and tables is None else {}
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if tables is not None:  # grid mode: unimodal scores come from the tables (and are counted); pairs are fits
+        cache = {k: v for k, v in cache.items() if k.startswith("pair")}
 
     def single(modality: str, cell: Cell) -> float:
         if tables is not None:
@@ -300,16 +302,14 @@ def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) ->
 
     def log(record) -> None:
         tqdm.write(f"search: {record}")
-        if tables is None:
-            atomic_write_json(cache_path, cache)
+        if tables is None or record.stage == "pair":  # a killed search resumes without refitting anything
+            atomic_write_json(cache_path, {k: v for k, v in cache.items() if tables is None or k.startswith("pair")})
 
     s = exp.cfg.search
     result = local_search(
         single, exp.pair_score if len(grids) == 2 else None, grids, starts,
         budget=s.budget, radius=s.radius, cache=cache, log=log, strategy=s.strategy,
     )  # fmt: skip
-    if tables is not None:  # pair evaluations are real fits: keep them for a resumed run
-        atomic_write_json(cache_path, {k: v for k, v in cache.items() if k.startswith("pair")})
     atomic_write_json(exp.out / "search.json", {**result.to_dict(), "mode": exp.cfg.search.mode})
     return result
 
@@ -368,8 +368,9 @@ def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list
             specs[f"fused_{ab}"] = ([feat(m) for m in mods], {"width": int(ab[5:])})
     if "pixels" in f.baselines:
         specs["pixels"] = ([lambda split: pixel_features(exp, split)], {})
-    if "random_init" in f.baselines and "image" in cells:
-        specs["random_init_image"] = ([lambda split: random_init_features(exp, cells["image"], split)], {})
+    if "random_init" in f.baselines:
+        for m in mods:
+            specs[f"random_init_{m}"] = ([lambda split, m=m: random_init_features(exp, m, cells[m], split)], {})
     return specs
 
 
@@ -387,32 +388,44 @@ def pixel_features(exp: Experiment, split: str) -> np.ndarray:
     return exp.store.read(key)
 
 
-def random_init_features(exp: Experiment, cell: Cell, split: str) -> np.ndarray:
-    """The same DiT architecture with random weights (PyTorch default init everywhere, seeded), same cell.
+def random_init_features(exp: Experiment, modality: str, cell: Cell, split: str) -> np.ndarray:
+    """The same architecture with random weights (PyTorch default init everywhere, seeded), same cell.
 
-    DiT's own init zeroes every adaLN gate, which would make all blocks the identity; the default init keeps
-    them active, so this measures what the architecture alone gives, not what training added.
+    DiT's and DDiT's own inits zero every adaLN gate, which would make all blocks the identity; the default init
+    keeps them active, so this measures what the architecture alone gives, not what training added.
     """
-    from difffeat.backbones.dit import DiT
-    from difffeat.extract import ImageFeatureExtractor
-    from difffeat.jobs import extract_image_split
+    from difffeat.jobs import extract_image_split, extract_text_split
 
-    name = f"{exp.model_name('image')}-random-init"
-    key = exp.key("image", cell, split, model=name)
+    name = f"{exp.model_name(modality)}-random-init"
+    key = exp.key(modality, cell, split, model=name)
     if not exp.store.has(key):
-        trained = exp.image_extractor
-        torch.manual_seed(exp.cfg.extract.seed)
-        dit = DiT(trained.dit.config)
-        for mod in dit.modules():
-            if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d):
-                mod.reset_parameters()
-        ex = ImageFeatureExtractor(dit.eval().to(exp.device), image_size=trained.image_size)
-        ex.encoder = trained.encoder
-        extract_image_split(
-            exp.store, ex, exp.data.split(split), name, exp.cfg.image, exp.cfg.extract, [cell[0]], [cell[1]],
-            **exp.dist,
-        )  # fmt: skip
+        trained = exp.image_extractor if modality == "image" else exp.text_extractor
+        ex = _random_twin(trained, modality, exp.cfg.extract.seed, exp.device)
+        extract = extract_image_split if modality == "image" else extract_text_split
+        model_cfg = exp.cfg.image if modality == "image" else exp.cfg.text
+        extract(
+            exp.store, ex, exp.data.split(split), name, model_cfg, exp.cfg.extract, [cell[0]], [cell[1]], **exp.dist
+        )
     return exp.store.read(key)
+
+
+def _random_twin(trained, modality: str, seed: int, device: torch.device):
+    """An extractor like ``trained`` (same VAE or tokenizer) around a freshly initialised copy of its backbone."""
+    from difffeat.backbones.ddit import DDiT
+    from difffeat.backbones.dit import DiT
+    from difffeat.extract import ImageFeatureExtractor, TextFeatureExtractor
+
+    torch.manual_seed(seed)
+    model = DiT(trained.dit.config) if modality == "image" else DDiT(trained.ddit.config)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d | torch.nn.Embedding):
+            mod.reset_parameters()
+    model = model.eval().to(device)
+    if modality == "text":
+        return TextFeatureExtractor(model, trained.tokenizer, max_length=trained.max_length)
+    ex = ImageFeatureExtractor(model, image_size=trained.image_size)
+    ex.encoder = trained.encoder
+    return ex
 
 
 def step_evaluate(exp: Experiment, heads: dict[str, FusionResult]) -> dict[str, dict]:

@@ -91,7 +91,8 @@ def claims(
 
     * the fused head beats both unimodal heads on test;
     * the trained image backbone beats a pixel probe and the same architecture at random initialisation by at
-      least ``CLEAR_MARGIN`` (comparing image features, not the fused head, so the text cannot carry it);
+      least ``CLEAR_MARGIN`` (comparing image features, not the fused head, so the text cannot carry it), and the
+      trained text backbone beats its random initialisation likewise;
     * the sweep heatmaps have structure: the best image timestep is not the noisiest one of the grid, and the
       best text step lies in the low-noise quarter (step <= 250 of 1000);
     * the local search gets within 0.5 of the grid optimum per modality, with at most a third of its cells.
@@ -103,9 +104,9 @@ def claims(
     out: dict[str, bool | None] = {}
     fused, img, txt = score("fused"), score("image"), score("text")
     out["fused_above_image_and_text"] = None if None in (fused, img, txt) else fused > max(img, txt)
-    for base in ("pixels", "random_init_image"):
-        b = score(base)
-        out[f"image_above_{base}_by_{CLEAR_MARGIN:g}"] = None if b is None or img is None else img >= b + CLEAR_MARGIN
+    for mod, base in (("image", "pixels"), ("image", "random_init_image"), ("text", "random_init_text")):
+        value, b = score(mod), score(base)
+        out[f"{mod}_above_{base}_by_{CLEAR_MARGIN:g}"] = None if None in (b, value) else value >= b + CLEAR_MARGIN
     for m, table in tables.items():
         if not np.isfinite(table).any():
             continue
