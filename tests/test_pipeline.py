@@ -79,6 +79,8 @@ def test_a_rerun_skips_finished_steps(finished):
     # every fit came from the cache (grid mode looks unimodal scores up in the sweep table, which it keeps)
     counted = "num_evaluations" if mode == "search" else "num_evaluations_pair"
     assert first[counted] > 0 and again[counted] == 0
+    for key in ("num_scored_unimodal", "num_scored_pair"):  # the search's cost is the same, whoever paid it
+        assert again[key] == first[key] > 0
     assert again["best_pair"] == first["best_pair"]
     assert {p: p.stat().st_mtime_ns for p in heads} == heads
 

@@ -131,6 +131,7 @@ def test_cache_reuse_makes_no_new_evaluations_and_survives_json():
     assert second.num_cached == len(first.evaluations)
     assert all(record.cached and record.seconds == 0.0 for record in second.evaluations)
     assert second.best == first.best and second.path == first.path
+    assert second.num_scored_in("unimodal") == first.num_scored_in("unimodal") == first.num_evaluations > 0
     assert cache[cache_key("image", peak)]["score"] == pytest.approx(1.0)
 
 

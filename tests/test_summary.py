@@ -14,7 +14,7 @@ def tables(image_best=(1, 1), text_best=(1, 0)):
 
 
 def search(image=50.0, text=60.0, evaluations=6):
-    return {"best_scores": {"image": image, "text": text}, "num_evaluations_unimodal": evaluations,
+    return {"best_scores": {"image": image, "text": text}, "num_scored_unimodal": evaluations,
             "grid_cells": {"image": 12, "text": 6, "pair": 72}}  # fmt: skip
 
 

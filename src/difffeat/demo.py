@@ -74,8 +74,8 @@ def print_summary(out: Path) -> None:
     s = m["search"]
     console.print(f"chosen cells: {chosen}")
     console.print(
-        f"local search: {s['num_evaluations_unimodal']} unimodal probes of a {s['grid_size_unimodal']}-cell grid, "
-        f"{s['num_evaluations_pair']} fused fits"
+        f"local search: scored {s['num_scored_unimodal']} of the {s['grid_size_unimodal']} unimodal cells and "
+        f"{s['num_scored_pair']} fused pairs"
     )
     for name, ok in m["checks"].items():
         console.print(f"  {name}: {'yes' if ok else 'NO' if ok is not None else 'n/a'}")

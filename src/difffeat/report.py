@@ -171,7 +171,8 @@ def _search_section(search: Mapping) -> str:
     share = f" ({100.0 * made / grid:.2f}% of the grid)" if made is not None and grid else ""
     cells = search.get("grid_cells", {})
     items = [
-        ("new evaluations", f"{made}{share}"),
+        ("cells scored", f"unimodal {search.get('num_scored_unimodal')}, pair {search.get('num_scored_pair')}"),
+        ("new evaluations in this run", f"{made}{share}"),
         ("by stage", f"unimodal {search.get('num_evaluations_unimodal')}, pair {search.get('num_evaluations_pair')}"),
         ("re-used from cache", format_value(search.get("num_cached"))),
         ("full grid", f"{grid} cells: " + ", ".join(f"{name} {count}" for name, count in cells.items())),
