@@ -190,7 +190,7 @@ def run_sweep(
     done = _read_rows(Path(csv_path)) if csv_path is not None else {}
     todo = [(b, t) for b in blocks for t in timesteps if (b, t) not in done]
     result = SweepResult(blocks, timesteps, [done[b, t] for b in blocks for t in timesteps if (b, t) in done])
-    bar = progress_bar(todo, desc="probe sweep", enabled=progress, unit="cell")
+    bar = progress_bar(todo, desc="probe sweep", enabled=progress and bool(todo), unit="cell")
     for block, t in bar:
         row = _probe_cell(get_features, block, t, train_y, val_y, cfg)
         result.rows.append(row)
