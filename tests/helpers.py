@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from difffeat.backbones.ddit import DDiT, DDiTConfig, save_ddit
@@ -18,6 +19,11 @@ CAPTIONS = [
     "number eight in the middle",
     "some nines and a zero",
 ]
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """Random uint8 images [n, 16, 16, 3], the size tiny_dit reads."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
 
 
 def randomise(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

@@ -4,25 +4,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from difffeat.extract import ImageFeatureExtractor, TextFeatureExtractor
+from difffeat.extract import ImageFeatureExtractor
 from difffeat.schedule import DDPMSchedule, LogLinearSchedule, per_sample_randn
 from difffeat.vae import images_to_tensor
-from helpers import CAPTIONS, tiny_ddit, tiny_dit, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def image_ex():
-    return ImageFeatureExtractor(tiny_dit())
-
-
-@pytest.fixture(scope="module")
-def text_ex(tmp_path_factory):
-    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    return TextFeatureExtractor(tiny_ddit(tok.vocab_size), tok)
-
-
-def images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+from helpers import CAPTIONS, images, tiny_dit
 
 
 def hooked_reference(dit, x0, t, keys, seed, blocks):

@@ -8,25 +8,10 @@ import torch
 from difffeat.config import ExtractConfig
 from difffeat.data.core import Sample, Split
 from difffeat.distributed import barrier
-from difffeat.extract import ImageFeatureExtractor, TextFeatureExtractor, _forward
+from difffeat.extract import ImageFeatureExtractor, _forward
 from difffeat.jobs import cache_latents, fill_entries, torch_dtype
 from difffeat.store import EntryKey, FeatureStore
-from helpers import CAPTIONS, tiny_ddit, tiny_dit, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def image_ex():
-    return ImageFeatureExtractor(tiny_dit())
-
-
-@pytest.fixture(scope="module")
-def text_ex(tmp_path_factory):
-    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    return TextFeatureExtractor(tiny_ddit(tok.vocab_size), tok)
-
-
-def images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+from helpers import CAPTIONS, images, tiny_dit
 
 
 def test_fused_timesteps_give_the_unfused_features_deterministically(image_ex):
