@@ -12,7 +12,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
 from difffeat.metrics import mean_average_precision, single_label_metrics
-from difffeat.probe import ProbeConfig, ProbeResult, fit_probe, run_sweep
+from difffeat.probe import ProbeConfig, ProbeResult, fit_probe, fit_probes, run_sweep
 
 # Small problems, mini-batches and one thread keep every fit well under a second, even on a busy CPU.
 FAST = {"epochs": 80, "patience": 15, "batch_size": 256, "lr": 1e-2, "num_threads": 1}
@@ -218,3 +218,41 @@ def test_sweep_computes_only_missing_cells(tmp_path):
         assert sorted((int(r["block"]), int(r["t"])) for r in csv.DictReader(f)) == sorted(
             (b, t) for b in BLOCKS for t in TIMESTEPS
         )
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_probes_fitted_together_match_probes_fitted_one_at_a_time(loss):
+    # Three feature sets of one width: informative, weakly informative and pure noise, so the three probes stop
+    # at different epochs and one keeps training (stacked) after another has stopped.
+    x, y = linear_problem(1200, d=16)
+    vx, vy = linear_problem(400, d=16, seed=1)
+    rng = np.random.default_rng(3)
+    weak, vweak = x + 6 * rng.normal(size=x.shape), vx + 6 * rng.normal(size=vx.shape)
+    noise, vnoise = rng.normal(size=x.shape), rng.normal(size=vx.shape)
+    if loss == "ce":
+        y, vy = y.argmax(1), vy.argmax(1)
+    cfg = ProbeConfig(**{**FAST, "patience": 5}, loss=loss)
+    sets, vsets = [x, weak, noise], [vx, vweak, vnoise]
+    together = fit_probes(sets, y, vsets, vy, cfg)
+    alone = [fit_probe(a, y, v, vy, cfg) for a, v in zip(sets, vsets, strict=True)]
+    assert len({r.best_epoch for r in alone}) > 1 and len({len(r.history) for r in alone}) > 1
+    for t, a, v in zip(together, alone, vsets, strict=True):
+        assert t.best_epoch == a.best_epoch and len(t.history) == len(a.history)
+        assert t.best_score == pytest.approx(a.best_score, abs=1e-3)
+        np.testing.assert_allclose(t.predict(v), a.predict(v), atol=1e-5)
+
+
+def test_probes_fitted_together_need_one_width():
+    x, y = linear_problem(100, d=8)
+    with pytest.raises(ValueError, match="width"):
+        fit_probes([x, x[:, :4]], y, [x, x[:, :4]], y, ProbeConfig(**FAST))
+
+
+def test_sweep_groups_cells_by_memory_and_gives_the_same_scores(tmp_path):
+    features = Features()
+    one_group = run_sweep(features, BLOCKS, TIMESTEPS, features.y, features.vy, SWEEP_CFG, progress=False)
+    cell_bytes = features(BLOCKS[0], TIMESTEPS[0], "train").nbytes
+    in_pairs = run_sweep(
+        features, BLOCKS, TIMESTEPS, features.y, features.vy, SWEEP_CFG, progress=False, group_bytes=2 * cell_bytes
+    )
+    np.testing.assert_allclose(one_group.scores, in_pairs.scores, atol=1e-3)

@@ -161,7 +161,7 @@ def average_precision_per_class(scores: object, targets: object, ignore: object 
     return _ap_columns(*_check_multilabel(scores, targets, ignore))
 
 
-def _nanmean_percent(values: np.ndarray) -> float:
+def nanmean_percent(values: np.ndarray) -> float:
     """Mean of the non-NaN values in percent; NaN (without numpy's empty-slice warning) if there are none."""
     valid = values[~np.isnan(values)]
     return float(valid.mean() * 100.0) if valid.size else float("nan")
@@ -169,7 +169,7 @@ def _nanmean_percent(values: np.ndarray) -> float:
 
 def mean_average_precision(scores: object, targets: object, ignore: object | None = None) -> float:
     """mAP in percent: mean AP over classes with at least one (non-ignored) positive; NaN if no class has one."""
-    return _nanmean_percent(average_precision_per_class(scores, targets, ignore))
+    return nanmean_percent(average_precision_per_class(scores, targets, ignore))
 
 
 # ----------------------------------------------------------------------------------- thresholded (ML-GCN) metrics
@@ -265,10 +265,10 @@ def multilabel_metrics(
     scores, targets, keep = _check_multilabel(scores, targets, ignore)
     labels = _class_labels(class_names, scores.shape[1])
     ap = _ap_columns(scores, targets, keep)
-    result: dict = {"mAP": _nanmean_percent(ap), "AP": (ap * 100.0).tolist()}
+    result: dict = {"mAP": nanmean_percent(ap), "AP": (ap * 100.0).tolist()}
     if interpolated:
         suffix = "11pt" if interpolated == "11point" else "envelope"
-        result[f"mAP_interp_{suffix}"] = _nanmean_percent(_ap_columns(scores, targets, keep, interpolated))
+        result[f"mAP_interp_{suffix}"] = nanmean_percent(_ap_columns(scores, targets, keep, interpolated))
     predicted = scores >= threshold
     result.update(_count_metrics(predicted, targets, keep))
     if top_k is not None:

@@ -38,11 +38,13 @@ from difffeat._train import (
     save_tensors,
     seeded,
     to_float32,
-    train_head,
+    train_stacked,
 )
 from difffeat.progress import progress as progress_bar
 
-__all__ = ["HistoryRow", "ProbeConfig", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "run_sweep"]
+__all__ = [
+    "HistoryRow", "ProbeConfig", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "fit_probes", "run_sweep"
+]  # fmt: skip
 
 
 @dataclass
@@ -114,24 +116,68 @@ def fit_probe(
         train_y, val_y: multi-hot [N, C] for ``loss="bce"``, int class indices [N] for ``loss="ce"``.
         cfg: training recipe; defaults to ``ProbeConfig()``.
     """
+    return fit_probes([train_x], train_y, [val_x], val_y, cfg)[0]
+
+
+# ---------------------------------------------------------------- several probes at once
+
+
+class StackedLinear(nn.Module):
+    """K independent ``nn.Linear(dim, classes)`` heads on a leading axis: [K, B, D] -> [K, B, C] in one bmm."""
+
+    def __init__(self, linear: nn.Linear, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().repeat(k, 1, 1))
+        self.bias = nn.Parameter(linear.bias.detach().repeat(k, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
+
+    def head(self, i: int) -> nn.Linear:
+        linear = nn.utils.skip_init(nn.Linear, self.weight.shape[2], self.weight.shape[1])  # no global RNG draw
+        linear.load_state_dict({"weight": self.weight[i].detach().clone(), "bias": self.bias[i].detach().clone()})
+        return linear.eval()
+
+
+def fit_probes(
+    train_xs: Sequence[ArrayLike],
+    train_y: ArrayLike,
+    val_xs: Sequence[ArrayLike],
+    val_y: ArrayLike,
+    cfg: ProbeConfig | None = None,
+) -> list[ProbeResult]:
+    """``fit_probe`` on each of several feature sets of one width (same rows, same labels), trained together.
+
+    Each probe gets the initialisation, batches, updates and early stopping it would get alone (up to float
+    rounding), but the K probes take one optimiser step per batch instead of K: on the demo's 5 000 rows, 36
+    probes fit several times faster than one after another.
+    """
     cfg = cfg or ProbeConfig()
-    x, vx = to_float32(train_x), to_float32(val_x)
-    if x.shape[1] != vx.shape[1]:
-        raise ValueError(f"train features have {x.shape[1]} dims, val features {vx.shape[1]}")
-    y, vy = as_targets(train_y, cfg.loss, x.shape[0]), as_targets(val_y, cfg.loss, vx.shape[0])
+    xs, vxs = [to_float32(x) for x in train_xs], [to_float32(x) for x in val_xs]
+    if len({x.shape[1] for x in (*xs, *vxs)}) != 1:
+        raise ValueError(f"feature sets differ in width: {sorted({x.shape[1] for x in (*xs, *vxs)})}")
+    y, vy = as_targets(train_y, cfg.loss, xs[0].shape[0]), as_targets(val_y, cfg.loss, vxs[0].shape[0])
     n_classes = y.shape[1] if cfg.loss == "bce" else int(max(y.max(), vy.max())) + 1
-    mean, std = feature_stats(x, cfg.standardize)
+    stats = [feature_stats(x, cfg.standardize) for x in xs]
     with seeded(cfg.seed):
-        linear = nn.Linear(x.shape[1], n_classes)
+        linear = nn.Linear(xs[0].shape[1], n_classes)  # the init fit_probe draws, shared by every probe
     init_prior_bias(linear, y, cfg.loss)
-    outcome = train_head(linear, [apply_stats(x, mean, std)], y, [apply_stats(vx, mean, std)], vy, cfg)
-    return ProbeResult(linear.cpu(), mean, std, cfg.loss, **vars(outcome))
+    stacked = StackedLinear(linear, len(xs))
+    train = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(xs, stats, strict=True)])
+    val = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(vxs, stats, strict=True)])
+    outcomes = train_stacked(stacked, train, y, val, vy, cfg)
+    stacked.cpu()
+    return [
+        ProbeResult(stacked.head(i), m, sd, cfg.loss, **vars(o))
+        for i, ((m, sd), o) in enumerate(zip(stats, outcomes, strict=True))
+    ]
 
 
 # ---------------------------------------------------------------- sweep
 
 FeatureSource = Callable[[int, int, str], ArrayLike]
 _CSV_FIELDS = ("block", "t", "val_score", "best_epoch", "seconds")
+SWEEP_GROUP_BYTES = 2**30  # train features of the cells fitted together; the sweep holds about twice this
 
 
 @dataclass(frozen=True)
@@ -178,8 +224,11 @@ def run_sweep(
     cfg: ProbeConfig | None = None,
     csv_path: str | os.PathLike | None = None,
     progress: bool = True,
+    group_bytes: int = SWEEP_GROUP_BYTES,
 ) -> SweepResult:
     """Fit one probe per (block, t) on ``get_features(block, t, "train"|"val")`` and record its validation score.
+
+    Cells are fitted together (``fit_probes``) in groups whose float32 train features fit in ``group_bytes``.
 
     With ``csv_path`` the sweep is resumable: cells already in the CSV are not recomputed, and each new cell is
     appended (and flushed) as soon as it is done, so a killed sweep loses at most the cell in progress. The CSV
@@ -190,23 +239,37 @@ def run_sweep(
     done = _read_rows(Path(csv_path)) if csv_path is not None else {}
     todo = [(b, t) for b in blocks for t in timesteps if (b, t) not in done]
     result = SweepResult(blocks, timesteps, [done[b, t] for b in blocks for t in timesteps if (b, t) in done])
-    bar = progress_bar(todo, desc="probe sweep", enabled=progress and bool(todo), unit="cell")
-    for block, t in bar:
-        row = _probe_cell(get_features, block, t, train_y, val_y, cfg)
-        result.rows.append(row)
-        if csv_path is not None:
-            _append_row(Path(csv_path), row)
+    bar = progress_bar(total=len(todo), desc="probe sweep", enabled=progress and bool(todo), unit="cell")
+    for group in _groups(todo, get_features, group_bytes):
+        for row in _probe_cells(get_features, group, train_y, val_y, cfg):
+            result.rows.append(row)
+            if csv_path is not None:
+                _append_row(Path(csv_path), row)
         best_block, best_t, best_score = result.best()
+        bar.update(len(group))
         bar.set_postfix_str(f"last {row.val_score:.2f}, best {best_score:.2f} @ ({best_block}, {best_t})")
+    bar.close()
     return result
 
 
-def _probe_cell(
-    get_features: FeatureSource, block: int, t: int, train_y: ArrayLike, val_y: ArrayLike, cfg: ProbeConfig
-) -> SweepRow:
+def _groups(cells: list[tuple[int, int]], get_features: FeatureSource, group_bytes: int) -> list[list]:
+    """Cells in order, cut into groups whose float32 train features stay within ``group_bytes`` together."""
+    if not cells:
+        return []
+    rows, dim = np.shape(get_features(*cells[0], "train"))
+    per_group = max(1, group_bytes // max(1, rows * dim * 4))
+    return [cells[i : i + per_group] for i in range(0, len(cells), per_group)]
+
+
+def _probe_cells(
+    get_features: FeatureSource, cells: list[tuple[int, int]], train_y: ArrayLike, val_y: ArrayLike, cfg: ProbeConfig
+) -> list[SweepRow]:
     start = time.perf_counter()
-    probe = fit_probe(get_features(block, t, "train"), train_y, get_features(block, t, "val"), val_y, cfg)
-    return SweepRow(block, t, probe.best_score, probe.best_epoch, time.perf_counter() - start)
+    train = [get_features(b, t, "train") for b, t in cells]
+    val = [get_features(b, t, "val") for b, t in cells]
+    probes = fit_probes(train, train_y, val, val_y, cfg)
+    seconds = (time.perf_counter() - start) / len(cells)
+    return [SweepRow(b, t, p.best_score, p.best_epoch, seconds) for (b, t), p in zip(cells, probes, strict=True)]
 
 
 def _read_rows(path: Path) -> dict[tuple[int, int], SweepRow]:
