@@ -1,8 +1,10 @@
 """The measured checks a run reports: each one can come out true, false, or undecidable."""
 
+from types import SimpleNamespace
+
 import numpy as np
 
-from difffeat.summary import CLEAR_MARGIN, claims
+from difffeat.summary import CLEAR_MARGIN, _still_improving_note, claims, still_improving
 
 GRIDS = {"image": ([0, 1, 2], [0, 100, 500, 999]), "text": ([0, 1], [0, 250, 750])}
 
@@ -59,3 +61,16 @@ def test_the_fused_head_cannot_carry_the_image_checks_and_missing_runs_are_undec
     out = claims(res, search(), partial, GRIDS, "mAP")
     assert out[f"image_above_pixels_by_{CLEAR_MARGIN:g}"] is None
     assert "image_search_within_0.5_of_grid" not in out and out["image_best_t_below_grid_max"] is True
+
+
+def test_probes_and_heads_cut_off_while_improving_are_named(tmp_path):
+    (tmp_path / "sweep_image.csv").write_text("block,t,val_score,best_epoch,seconds\n0,0,30.0,200,1\n0,50,20.0,120,1\n")
+    (tmp_path / "sweep_text.csv").write_text("block,t,val_score,best_epoch,seconds\n1,0,70.0,181,1\n")
+    cfg = SimpleNamespace(probe=SimpleNamespace(epochs=200), fusion=SimpleNamespace(epochs=100))
+    exp = SimpleNamespace(out=tmp_path, modalities=["image", "text"], cfg=cfg)
+    heads = {"fused": SimpleNamespace(best_epoch=60), "image": SimpleNamespace(best_epoch=95)}
+    late = still_improving(exp, heads)
+    assert late == {"probes": ["image (0, 0)", "text (1, 0)"], "heads": ["image"]}
+    note = _still_improving_note(late)
+    assert "2 sweep probes" in note and "heads image" in note
+    assert _still_improving_note({"probes": [], "heads": []}) is None
