@@ -27,7 +27,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from difffeat.demo_data import CLASSES, DemoParams, generate_demo_scenes, make_demo_dataset
+from difffeat.demo.data import CLASSES, DemoParams, generate_demo_scenes, make_demo_dataset
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # train, val, test
 

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from difffeat.demo import demo_config
-from difffeat.pipeline import Experiment, extract_grid, step_evaluate, step_fit, step_search, step_sweep
-from difffeat.summary import build_report
+from difffeat.run.demo import demo_config
+from difffeat.run.pipeline import Experiment, extract_grid, step_evaluate, step_fit, step_search, step_sweep
+from difffeat.run.summary import build_report
 
 TARGET_S = 300.0
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
-from difffeat.backbones.dit import DiT, dit_config, dit_to_diffusers_state_dict
-from difffeat.extract import ImageFeatureExtractor
-from difffeat.schedule import per_sample_randn
-from difffeat.vae import images_to_tensor
+from difffeat.features.extract import ImageFeatureExtractor
+from difffeat.models.dit import DiT, dit_config, dit_to_diffusers_state_dict
+from difffeat.models.schedule import per_sample_randn
+from difffeat.models.vae import images_to_tensor
 
 GRIDS = {"4x3": ([3, 6, 9, 11], [50, 250, 500]), "5x5": ([2, 4, 6, 9, 11], [25, 100, 250, 500, 750])}
 SEED = 0

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from difffeat.backbones.dit import DiT, DiTConfig, save_dit
+from difffeat.models.dit import DiT, DiTConfig, save_dit
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ def config(root: Path, name: str, dit: Path, images: int) -> Path:
 
 def extract(cfg: Path, nproc: int, threads: int) -> float:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "difffeat.cli", "extract", str(cfg)]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "difffeat.run.cli", "extract", str(cfg)]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True)

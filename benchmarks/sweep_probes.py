@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from difffeat.probe import ProbeConfig, run_sweep
+from difffeat.heads.probe import ProbeConfig, run_sweep
 
 
 def make_cells(n_cells: int, rows: int, val_rows: int, dim: int, classes: int = 13, seed: int = 0):

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from difffeat.backbones.dit import FREQUENCY_DIM, DiT, DiTConfig, dit_config
-from difffeat.extract import ImageFeatureExtractor
-from difffeat.jobs import resolve_device
+from difffeat.features.extract import ImageFeatureExtractor
+from difffeat.models.dit import FREQUENCY_DIM, DiT, DiTConfig, dit_config
+from difffeat.utils.runtime import resolve_device
 
 BATCH = {"B": 16, "XL": 8}
 DEPTH = 12  # blocks run: the forward stops after block 11

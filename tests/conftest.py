@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from difffeat.extract import ImageFeatureExtractor, TextFeatureExtractor
+from difffeat.features.extract import ImageFeatureExtractor, TextFeatureExtractor
 from helpers import tiny_ddit, tiny_dit, tiny_tokenizer
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.backbones.ddit import DDiT, DDiTConfig, save_ddit
-from difffeat.backbones.dit import DiT, DiTConfig, save_dit
-from difffeat.backbones.tokenizers import load_tokenizer, train_word_tokenizer
+from difffeat.models.ddit import DDiT, DDiTConfig, save_ddit
+from difffeat.models.dit import DiT, DiTConfig, save_dit
+from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
 CAPTIONS = [
     "a red seven next to a blue circle",

@@ -296,7 +296,7 @@ def test_search_on_a_real_probe_sweep_reaches_the_grid_optimum_with_part_of_the_
     """Probe scores from real fits on features whose signal fades with lattice distance from one cell."""
     import numpy as np
 
-    from difffeat.probe import ProbeConfig, run_sweep
+    from difffeat.heads.probe import ProbeConfig, run_sweep
 
     blocks, steps, peak = [0, 1, 2, 3, 4], [0, 100, 200, 400, 700], (3, 100)
     rng = np.random.default_rng(0)

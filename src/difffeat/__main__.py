@@ -1,5 +1,5 @@
 """``python -m difffeat``: the command line (also what ``torchrun -m difffeat`` runs)."""
 
-from difffeat.cli import app
+from difffeat.run.cli import app
 
 app()

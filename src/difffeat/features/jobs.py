@@ -1,0 +1,396 @@
+"""Resumable jobs that fill the feature store: cache latents, extract image and text features.
+
+All three run the same shard loop (:func:`fill_entries`): rows are processed in fixed shards, a shard is
+skipped when every entry already has it, and entries are finalized once all shards exist. Shard boundaries
+and batch boundaries depend only on the configuration, never on where a previous run stopped, so a resumed
+run writes the same bytes as an uninterrupted one. ``rank``/``world`` split the shards between processes
+(shard s is rank s % world's); with world > 1 the ranks meet at barriers (:mod:`difffeat.utils.distributed`) and rank
+0 alone writes what exists once.
+
+The device is kept busy: a shard's inputs go to it in one copy, its features stay there until the shard is
+done, come back in one (non-blocking, pinned) copy, and a background thread writes them to disk while the
+next shard computes. Images are decoded in DataLoader worker processes when ``extract.num_workers`` > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from difffeat.data.core import DataError, Split, load_image
+from difffeat.features.options import ExtractConfig, ImageModelConfig, TextModelConfig
+from difffeat.features.store import EntryKey, FeatureStore
+from difffeat.models.common import resolve_indices
+from difffeat.models.vae import images_to_tensor
+from difffeat.utils.distributed import barrier, rank_zero_first
+from difffeat.utils.progress import progress
+from difffeat.utils.runtime import to_device
+
+
+@dataclass
+class HostCopy:
+    """A device-to-host copy that may still be in flight (CUDA: non-blocking into pinned memory)."""
+
+    tensor: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+    def numpy(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensor.numpy()
+
+
+ShardArrays = Mapping[EntryKey, "np.ndarray | HostCopy"]
+ComputeShard = Callable[[int, int], ShardArrays]
+
+
+def to_host(tensors: Mapping[EntryKey, torch.Tensor]) -> dict[EntryKey, HostCopy]:
+    """Start copying a shard's tensors to the host; on CUDA the host does not wait (the writer thread does)."""
+    if not any(t.is_cuda for t in tensors.values()):
+        return {k: HostCopy(t) for k, t in tensors.items()}
+    out = {}
+    for k, t in tensors.items():
+        out[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out[k].copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return {k: HostCopy(t, done) for k, t in out.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a numpy dtype name (``extract.store_dtype``)."""
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(name))).dtype
+
+
+class ShardWriter:
+    """Writes finished shards from one background thread, so the device never waits on the disk.
+
+    At most ``max_pending`` shards are queued (that bounds host memory). A failed write is raised in the main
+    thread by the next :meth:`submit` or by :meth:`close`. Files still appear atomically
+    (:meth:`FeatureStore.write_shard` renames a complete file into place), and :meth:`close` returns only once
+    every write is on disk, which is what finalizing relies on.
+    """
+
+    def __init__(self, store: FeatureStore, max_pending: int = 2):
+        self.store = store
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="difffeat-writer")
+        self._queued: deque[Future] = deque()
+
+    def submit(self, shard: int, arrays: ShardArrays) -> None:
+        while self._queued and (len(self._queued) >= self.max_pending or self._queued[0].done()):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(self._write, shard, dict(arrays)))
+
+    def _write(self, shard: int, arrays: dict[EntryKey, np.ndarray | HostCopy]) -> None:
+        for key, value in arrays.items():
+            self.store.write_shard(key, shard, value.numpy() if isinstance(value, HostCopy) else value)
+
+    def close(self) -> None:
+        try:
+            while self._queued:
+                self._queued.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # let the queued (complete) shards land, but report the error that stopped the loop
+            self._pool.shutdown(wait=True)
+
+
+def model_name(source: str | None, name: str | None) -> str:
+    """Short model name for store keys: the configured name, else the last part of the path or hub id."""
+    if name:
+        return name
+    if not source:
+        raise ValueError("no model source given")
+    p = Path(source)
+    return (p.stem if p.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} else p.name) or str(source)
+
+
+def pending_shards(
+    store: FeatureStore, keys: Sequence[EntryKey], num_rows: int, shard_size: int, rank: int = 0, world: int = 1
+) -> list[int]:
+    """This rank's shards that some unfinished entry of ``keys`` still lacks, in the order they are computed."""
+    todo = [k for k in keys if not store.has(k)]
+    if not todo or num_rows == 0:
+        return []
+    mine = range(rank, math.ceil(num_rows / shard_size), world)
+    return [s for s in mine if not all(store.has_shard(k, s) for k in todo)]
+
+
+def fill_entries(
+    store: FeatureStore,
+    keys: Sequence[EntryKey],
+    num_rows: int,
+    shard_size: int,
+    compute: ComputeShard,
+    config: dict,
+    desc: str,
+    rank: int = 0,
+    world: int = 1,
+    finalize: bool = True,
+) -> None:
+    """Compute every missing shard of ``keys`` (this rank's share) and finalize the entries.
+
+    ``compute(lo, hi)`` returns the rows [lo, hi) of every key (numpy arrays or :class:`HostCopy`); they are
+    written by a background thread while the next shard computes. With ``world`` > 1 and ``finalize`` every
+    rank must call this (it holds two barriers): rank 0 finalizes once all ranks' shards are on disk, and no rank
+    goes on before the entries are finished.
+    """
+    todo = [k for k in keys if not store.has(k)]
+    if not todo or num_rows == 0:
+        return
+    num_shards = math.ceil(num_rows / shard_size)
+    pending = pending_shards(store, todo, num_rows, shard_size, rank, world)
+    mine = len(range(rank, num_shards, world))
+    desc = f"{desc} [rank {rank}]" if world > 1 else desc
+    with (
+        ShardWriter(store) as writer,
+        progress(total=mine, initial=mine - len(pending), desc=desc, unit="shard") as bar,
+    ):
+        for s in pending:
+            arrays = compute(s * shard_size, min(num_rows, (s + 1) * shard_size))
+            writer.submit(s, {k: arrays[k] for k in todo if not store.has_shard(k, s)})
+            bar.update(1)
+    if not finalize:
+        return
+    barrier(world)
+    if rank == 0:
+        for k in todo:
+            store.finalize(k, num_shards, num_rows, config)
+            _drop_stale_temps(store, k)
+    barrier(world)
+
+
+def _drop_stale_temps(store: FeatureStore, key: EntryKey) -> None:
+    """A shard write killed mid-way leaves its temporary file behind; once the entry is final (every rank's
+    writes done) nothing can still be writing one."""
+    for p in store.entry_dir(key).glob(".shard-*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
+    """Record the split's row order in the store; with ``skip_bad`` leave out samples whose image can't be read.
+
+    Returns the sample indices (into ``split``) that are the store's rows. The scan for bad images runs once:
+    a store that already has the id list reuses it.
+    """
+    by_id = {s.id: i for i, s in enumerate(split.samples)}
+    try:
+        return [by_id[i] for i in store.ids(split.name)]
+    except Exception:
+        pass
+    skipped: list[tuple[str, str]] = []
+    rows = list(range(len(split)))
+    if skip_bad:
+        rows = []
+        for i, s in enumerate(progress(split.samples, desc=f"check images {split.name}")):
+            try:
+                load_image(s)
+                rows.append(i)
+            except DataError as exc:
+                skipped.append((s.id, str(exc)))
+    store.set_ids(split.name, [split.samples[i].id for i in rows], skipped)
+    return rows
+
+
+def image_variant(model: ImageModelConfig, ex: ExtractConfig) -> str:
+    """The store entry's variant: every setting that changes the features beyond float rounding (bf16 does;
+    fuse_timesteps and compile do not, so they share entries with the plain run)."""
+    parts = [f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
+    parts += [f"y{model.class_label}" if model.class_label is not None else ""]
+    parts += ["dnum" if model.numerics == "diffusers" else "", "bf16" if ex.bf16 else ""]
+    return "-".join(p for p in parts if p)
+
+
+def text_variant(ex: ExtractConfig) -> str:
+    parts = [f"c{ex.caption_reduce}", f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
+    return "-".join(p for p in [*parts, "bf16" if ex.bf16 else ""] if p)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Row position -> (position, preprocessed image [3, S, S] in [-1, 1]): the CPU half of the latent cache
+    (decode, centre crop, scale), which DataLoader workers do while the main process runs the VAE."""
+
+    def __init__(self, split: Split, rows: list[int], size: int):
+        self.split, self.rows, self.size = split, rows, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos: int) -> tuple[int, torch.Tensor]:
+        return pos, images_to_tensor([_load(self.split, self.rows[pos])], self.size)[0]
+
+
+def _shard_batches(shards: Sequence[int], num_rows: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Row positions of every batch of ``shards``, in order: the same batch boundaries as an unresumed run."""
+    out = []
+    for s in shards:
+        lo, hi = s * shard_size, min(num_rows, (s + 1) * shard_size)
+        out += [list(range(b, min(hi, b + batch_size))) for b in range(lo, hi, batch_size)]
+    return out
+
+
+def cache_latents(
+    store: FeatureStore, extractor, split: Split, rows: list[int], name: str, ex: ExtractConfig, **dist
+) -> EntryKey:
+    """VAE latents (or preprocessed pixels) of the split, once: they do not depend on the timestep.
+
+    Images are decoded by a DataLoader (``ex.num_workers`` processes, pinned memory on CUDA) that walks this
+    rank's pending shards batch by batch in the order the shard loop asks for them.
+    """
+    posterior = "sample" if getattr(extractor.encoder, "sample", False) else "mean"
+    key = EntryKey("latent", name, -1, -1, "none", ex.seed, split.name, variant=posterior)
+    ids = [split.samples[i].id for i in rows]
+    dev = extractor.device
+    pending = pending_shards(store, [key], len(rows), ex.shard_size, **dist)
+    batches = _shard_batches(pending, len(rows), ex.shard_size, ex.batch_size)
+    loader: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
+        nonlocal loader
+        if loader is None:  # workers start only if there is work
+            data = _Pixels(split, rows, extractor.image_size)
+            pin = dev.type == "cuda"
+            loader = iter(DataLoader(data, batch_sampler=batches, num_workers=ex.num_workers, pin_memory=pin))
+        parts = []
+        for b in range(lo, hi, ex.batch_size):
+            pos, pixels = next(loader)
+            if int(pos[0]) != b:
+                raise RuntimeError(f"latent cache: loader at row {int(pos[0])}, shard loop at row {b}")
+            pixels = to_device(pixels, dev)
+            parts.append(extractor.encode(pixels, ids=ids[b : b + len(pos)], seed=ex.seed, keep_on_device=True))
+        return to_host({key: torch.cat(parts).float()})
+
+    fill_entries(
+        store, [key], len(rows), ex.shard_size, compute, {"posterior": posterior}, f"latents {split.name}", **dist
+    )
+    return key
+
+
+def _load(split: Split, i: int):
+    try:
+        return load_image(split.samples[i])
+    except DataError as exc:
+        raise DataError(f"split {split.name!r}, row {i}: {exc} (use --skip-bad to record and skip it)") from exc
+
+
+def extract_image_split(
+    store: FeatureStore,
+    extractor,
+    split: Split,
+    name: str,
+    model: ImageModelConfig,
+    ex: ExtractConfig,
+    blocks: Sequence[int],
+    timesteps: Sequence[int],
+    **dist,
+) -> dict[tuple[int, int], EntryKey]:
+    """Image features for every (block, t) of the grid, one truncated forward per timestep and batch."""
+    with rank_zero_first(**dist):
+        rows = prepare_ids(store, split, ex.skip_bad)
+    latent_key = cache_latents(store, extractor, split, rows, name, ex, **dist)
+    blocks = resolve_indices(blocks, extractor.dit.depth)
+    variant = image_variant(model, ex)
+    keys = {
+        (b, t): EntryKey("image", name, b, t, ex.pool, ex.seed, split.name, variant) for b in blocks for t in timesteps
+    }
+    ids = [split.samples[i].id for i in rows]
+    dtype, dev = torch_dtype(ex.store_dtype), extractor.device
+
+    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
+        lat = to_device(torch.from_numpy(np.array(store.read(latent_key)[lo:hi])), dev)
+        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
+        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
+        for b0 in range(lo, hi, ex.batch_size):
+            b1 = min(hi, b0 + ex.batch_size)
+            feats = extractor(
+                latents=lat[b0 - lo : b1 - lo],
+                blocks=blocks,
+                timesteps=need,
+                pool=ex.pool,
+                token_norm=ex.token_norm,
+                seed=ex.seed,
+                ids=ids[b0:b1],
+                ensemble=ex.ensemble,
+                class_label=model.class_label,
+                bf16=ex.bf16,
+                fuse_timesteps=ex.fuse_timesteps,
+                keep_on_device=True,
+            )
+            for bt, f in feats.items():
+                parts[bt].append(f.to(dtype))
+        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
+
+    config = {"model": asdict(model), "extract": asdict(ex)}
+    fill_entries(store, list(keys.values()), len(rows), ex.shard_size, compute, config, f"image {split.name}", **dist)
+    return keys
+
+
+def extract_text_split(
+    store: FeatureStore,
+    extractor,
+    split: Split,
+    name: str,
+    model: TextModelConfig,
+    ex: ExtractConfig,
+    blocks: Sequence[int],
+    timesteps: Sequence[int],
+    **dist,
+) -> dict[tuple[int, int], EntryKey]:
+    """Caption features for every (block, step) of the grid, over the same rows as the image branch."""
+    with rank_zero_first(**dist):
+        rows = prepare_ids(store, split, ex.skip_bad)
+    blocks = resolve_indices(blocks, extractor.ddit.depth)
+    variant = text_variant(ex)
+    keys = {
+        (b, t): EntryKey("text", name, b, t, ex.text_pool, ex.seed, split.name, variant)
+        for b in blocks
+        for t in timesteps
+    }
+    samples = [split.samples[i] for i in rows]
+    for s in samples:
+        if not s.captions:
+            raise DataError(f"split {split.name!r}: sample {s.id!r} has no caption (the text branch needs one)")
+    dtype = torch_dtype(ex.store_dtype)
+
+    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
+        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
+        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
+        for b0 in range(lo, hi, ex.batch_size):
+            batch = samples[b0 : min(hi, b0 + ex.batch_size)]
+            feats = extractor(
+                [s.captions for s in batch],
+                blocks=blocks,
+                timesteps=need,
+                pool=ex.text_pool,
+                token_norm=ex.token_norm,
+                seed=ex.seed,
+                ids=[s.id for s in batch],
+                ensemble=ex.ensemble,
+                caption_reduce=ex.caption_reduce,
+                bf16=ex.bf16,
+                fuse_timesteps=ex.fuse_timesteps,
+                keep_on_device=True,
+            )
+            for bt, f in feats.items():
+                parts[bt].append(f.to(dtype))
+        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
+
+    config = {"model": asdict(model), "extract": asdict(ex)}
+    fill_entries(store, list(keys.values()), len(rows), ex.shard_size, compute, config, f"text {split.name}", **dist)
+    return keys

@@ -1,0 +1,441 @@
+"""The one training recipe shared by the linear probe and the fusion head.
+
+Both heads are trained the same way (the paper's recipe): standardised cached features, BCE-with-logits for
+multi-label (or cross-entropy for single-label), AdamW, a cosine learning-rate schedule over the maximum number
+of epochs, and early stopping on the validation score with the best weights restored. Keeping a single loop here
+means a probe score and a fusion score are always comparable: they differ only in the head, never in the recipe.
+
+Features arrive as cached arrays (numpy, ``np.memmap`` in float16/float32, or tensors). They are converted once to
+float32 tensors and standardised once, so an epoch is a handful of large matrix multiplications and the whole fit
+takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from difffeat.metrics import (
+    average_precision_per_class,
+    mean_average_precision,
+    nanmean_percent,
+    single_label_metrics,
+)
+from difffeat.utils.runtime import seeded, torch_threads
+
+ArrayLike = Any  # numpy array, np.memmap or torch.Tensor; kept loose because callers pass whatever the store returns
+Loss = Literal["bce", "ce"]
+
+_EVAL_CHUNK = 8192  # rows per forward at evaluation/prediction: bounds activation memory for wide heads
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe for a head on cached features.
+
+    Attributes:
+        epochs: maximum number of epochs; the cosine schedule spans all of them, early stopping may end sooner.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW (decoupled) weight decay.
+        batch_size: rows per step; 0 trains full-batch (one step per epoch).
+        patience: stop after this many epochs without a new best validation score.
+        eval_every: evaluate on validation every this many epochs (and always at the last epoch).
+        standardize: standardise each feature with train mean/std (val/test reuse the train statistics).
+        seed: seeds initialisation, shuffling and dropout; same inputs and seed give an identical result.
+        device: torch device to train on.
+        num_threads: torch CPU threads while fitting (restored afterwards); None leaves torch's setting. On a
+            shared or oversubscribed CPU, 1 can be many times faster: busy cores stall the OpenMP barriers that
+            every small multi-threaded op waits on.
+        loss: "bce" for multi-label {0,1} targets [N, C] (val score: mAP), "ce" for int targets [N]
+            (val score: top-1 accuracy); both in percent.
+    """
+
+    epochs: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    patience: int = 20
+    eval_every: int = 1
+    standardize: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int | None = None
+    loss: Loss = "bce"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("bce", "ce"):
+            raise ValueError(f"loss must be 'bce' or 'ce', got {self.loss!r}")
+        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1 or self.batch_size < 0:
+            raise ValueError(f"invalid training config: {self}")
+
+
+class HistoryRow(NamedTuple):
+    """One evaluated epoch (1-based): mean train loss over that epoch and the validation score in percent."""
+
+    epoch: int
+    train_loss: float
+    val_score: float
+
+
+@dataclass
+class TrainOutcome:
+    """What ``train_head`` reports; the model it was given already holds the best weights."""
+
+    best_score: float
+    best_epoch: int
+    history: list[HistoryRow]
+    seconds: float
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def to_float32(x: ArrayLike) -> torch.Tensor:
+    """One float32 CPU tensor from an array/memmap/tensor (a float16 memmap is read and widened once)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32)
+    array = np.asarray(x, dtype=np.float32)
+    if not array.flags.writeable or not array.flags.c_contiguous:  # read-only memmaps: torch wants its own copy
+        array = np.array(array, dtype=np.float32, order="C")
+    if array.ndim != 2:
+        raise ValueError(f"features must be 2-D [N, D], got shape {array.shape}")
+    return torch.from_numpy(array)
+
+
+def feature_stats(x: torch.Tensor, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature (mean, std) of the *train* features; identity statistics when not standardising.
+
+    Diffusion features mix channels of very different scales (some activations are orders of magnitude larger),
+    so without this one learning rate cannot suit all of them. A constant feature gets std 1 rather than 0 so it
+    maps to 0 instead of blowing up.
+    """
+    if not standardize:
+        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    std, mean = torch.std_mean(x.double(), dim=0, correction=0)
+    std = torch.where(std > 1e-6 * (1.0 + mean.abs()), std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def apply_stats(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Standardise with given statistics (out of place, so a caller's array is never modified)."""
+    return (x - mean) / std
+
+
+def as_targets(y: ArrayLike, loss: Loss, n_rows: int) -> torch.Tensor:
+    """Targets as the loss wants them: float [N, C] for BCE, int64 [N] for CE."""
+    target = torch.as_tensor(np.asarray(y))
+    if target.shape[0] != n_rows:
+        raise ValueError(f"{target.shape[0]} targets for {n_rows} feature rows")
+    if loss == "ce":
+        if target.ndim != 1:
+            raise ValueError(f"'ce' needs int class indices [N], got shape {tuple(target.shape)}")
+        return target.long()
+    if target.ndim != 2:
+        raise ValueError(f"'bce' needs multi-hot targets [N, C], got shape {tuple(target.shape)}")
+    return target.float()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def init_prior_bias(linear: nn.Linear, targets: torch.Tensor, loss: Loss) -> None:
+    """Start the classifier at the train label prior (log-odds for BCE, log-frequency for CE).
+
+    Multi-label classes are rare (a few percent positive), so a zero bias would spend the first epochs only
+    learning the base rate; starting there lets early stopping judge the features, not the bias.
+    """
+    if loss == "bce":
+        p = targets.float().mean(0).clamp(1e-4, 1 - 1e-4)
+        prior = torch.log(p) - torch.log1p(-p)
+    else:
+        counts = torch.bincount(targets, minlength=linear.out_features).float()
+        prior = torch.log((counts + 1.0) / (counts.sum() + linear.out_features))
+    with torch.no_grad():
+        linear.bias.copy_(prior)
+
+
+@torch.no_grad()
+def forward_chunked(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits for all rows, in chunks so a wide head never materialises [N, width] for the whole set at once."""
+    was_training = model.training
+    model.eval()
+    n = inputs[0].shape[0]
+    out = torch.cat([model(*(x[i : i + _EVAL_CHUNK] for x in inputs)) for i in range(0, n, _EVAL_CHUNK)])
+    model.train(was_training)
+    return out
+
+
+def logits_to_probabilities(logits: torch.Tensor, loss: Loss) -> np.ndarray:
+    """Sigmoid per class for multi-label, softmax over classes for single-label."""
+    probs = torch.sigmoid(logits) if loss == "bce" else torch.softmax(logits, dim=1)
+    return probs.cpu().numpy()
+
+
+def val_score(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> float:
+    """mAP (BCE) or top-1 accuracy (CE) in percent; logits suffice because both only depend on the ranking."""
+    scores = logits.cpu().numpy()
+    if loss == "bce":
+        return mean_average_precision(scores, targets.cpu().numpy())
+    return float(single_label_metrics(scores, targets.cpu().numpy())["top1"])
+
+
+def check_val_targets(val_targets: torch.Tensor, loss: Loss) -> None:
+    """Fail early when validation cannot rank epochs (mAP is NaN without any positive)."""
+    if loss == "bce" and not bool(val_targets.any()):
+        raise ValueError("validation targets have no positive label: mAP is undefined, early stopping impossible")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor | None]:
+    """Row indices per step for one epoch; ``[None]`` means the whole (unshuffled) set in one step."""
+    if batch_size == 0 or batch_size >= n:
+        return [None]
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def _loss_fn(loss: Loss) -> nn.Module:
+    return nn.BCEWithLogitsLoss() if loss == "bce" else nn.CrossEntropyLoss()
+
+
+def train_head(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    val_inputs: Sequence[torch.Tensor],
+    val_targets: torch.Tensor,
+    cfg: TrainConfig,
+) -> TrainOutcome:
+    """Train ``model(*inputs) -> logits`` in place and leave it holding its best-validation weights.
+
+    Inputs must already be float32 and standardised (see ``feature_stats``/``apply_stats``); ``targets`` come
+    from ``as_targets``. The caller seeds module initialisation; this seeds shuffling and dropout from
+    ``cfg.seed``. The cosine schedule is stepped per optimiser step so that mini-batch and full-batch runs
+    follow the same curve over ``cfg.epochs``.
+    """
+    check_val_targets(val_targets, cfg.loss)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    inputs = [x.to(device) for x in inputs]
+    val_inputs = [x.to(device) for x in val_inputs]
+    targets = targets.to(device)
+    n = inputs[0].shape[0]
+    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    loss_fn = _loss_fn(cfg.loss)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    best_score, best_epoch, best_state = -math.inf, 0, None
+    history: list[HistoryRow] = []
+    with seeded(cfg.seed), torch_threads(cfg.num_threads):
+        for epoch in range(1, cfg.epochs + 1):
+            epoch_loss = _train_epoch(model, inputs, targets, optimizer, schedule, loss_fn, cfg.batch_size, generator)
+            if epoch % cfg.eval_every and epoch != cfg.epochs:
+                continue
+            score = val_score(forward_chunked(model, val_inputs), val_targets, cfg.loss)
+            history.append(HistoryRow(epoch, epoch_loss, score))
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainOutcome(best_score, best_epoch, history, time.perf_counter() - start)
+
+
+def train_stacked(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    val_inputs: torch.Tensor,
+    val_targets: torch.Tensor,
+    cfg: TrainConfig,
+) -> list[TrainOutcome]:
+    """``train_head`` for K independent heads stacked on a leading axis, trained in one loop.
+
+    ``model`` maps [K, B, D] to logits [K, B, C], and every parameter and buffer has K on its first axis. The loss
+    is the sum of the K per-head losses, so each head gets exactly its own gradient and, AdamW being elementwise,
+    its own update: head k follows the trajectory ``train_head`` would give it alone (same seed, same batches),
+    up to float rounding. Early stopping is per head (a stopped head's best weights are frozen); the loop ends
+    when every head has stopped. One step for K heads instead of K steps is the point: a probe on a few thousand
+    rows is bound by per-step overhead, not arithmetic.
+    """
+    check_val_targets(val_targets, cfg.loss)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    k, n = inputs.shape[0], inputs.shape[1]
+    inputs = inputs.transpose(0, 1).contiguous().to(device)  # [N, K, D]: see _train_stacked_epoch
+    val_inputs, targets = val_inputs.to(device), targets.to(device)
+    buffer = torch.empty_like(inputs)
+    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    best = [-math.inf] * k
+    best_epoch, stopped = [0] * k, [False] * k
+    best_state = {name: v.detach().clone() for name, v in model.state_dict().items()}
+    history: list[list[HistoryRow]] = [[] for _ in range(k)]
+    with seeded(cfg.seed), torch_threads(cfg.num_threads):
+        for epoch in range(1, cfg.epochs + 1):
+            losses = _train_stacked_epoch(model, inputs, targets, optimizer, schedule, cfg, generator, buffer)
+            if epoch % cfg.eval_every and epoch != cfg.epochs:
+                continue
+            scores = stacked_val_scores(forward_stacked(model, val_inputs), val_targets, cfg.loss)
+            for i in (i for i in range(k) if not stopped[i]):
+                history[i].append(HistoryRow(epoch, losses[i], scores[i]))
+                if scores[i] > best[i]:
+                    best[i], best_epoch[i] = scores[i], epoch
+                    for name, v in model.state_dict().items():
+                        best_state[name][i] = v[i]
+                elif epoch - best_epoch[i] >= cfg.patience:
+                    stopped[i] = True
+            if all(stopped):
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = (time.perf_counter() - start) / k
+    return [TrainOutcome(best[i], best_epoch[i], history[i], seconds) for i in range(k)]
+
+
+def _train_stacked_epoch(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    buffer: torch.Tensor,
+) -> list[float]:
+    """One pass over the train set for all K heads; returns each head's row-weighted mean loss.
+
+    ``inputs`` is [N, K, D] (rows first), shuffled once per epoch with the permutation ``_batches`` draws, so
+    every batch is a contiguous slice: gathering rows of a [K, N, D] tensor per step cost more than the heads.
+    The shuffled copy goes into the same ``buffer`` every epoch (a fresh allocation each time was 3x slower).
+    """
+    n = inputs.shape[0]
+    batches = _batches(n, cfg.batch_size, generator)
+    if batches != [None]:
+        order = torch.cat(batches).to(targets.device)
+        inputs, targets = torch.index_select(inputs, 0, order, out=buffer), targets[order]
+    size = n if batches == [None] else cfg.batch_size
+    total, rows = torch.zeros(inputs.shape[1], dtype=torch.float64), 0
+    for start in range(0, n, size):
+        batch, batch_targets = inputs[start : start + size], targets[start : start + size]
+        per_head = _stacked_loss(model(batch.transpose(0, 1)), batch_targets, cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        per_head.sum().backward()
+        optimizer.step()
+        schedule.step()
+        total += per_head.detach().double().cpu() * batch_targets.shape[0]
+        rows += batch_targets.shape[0]
+    return (total / rows).tolist()
+
+
+def _stacked_loss(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Per-head mean loss [K] of logits [K, B, C]: what each head's own loss function would give."""
+    if loss == "bce":
+        target = targets.expand(logits.shape[0], *targets.shape)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2))
+    k, b, c = logits.shape
+    flat = nn.functional.cross_entropy(logits.reshape(k * b, c), targets.repeat(k), reduction="none")
+    return flat.reshape(k, b).mean(dim=1)
+
+
+@torch.no_grad()
+def forward_stacked(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits [K, N, C] for all rows, in row chunks (see ``forward_chunked``)."""
+    was_training = model.training
+    model.eval()
+    n = inputs.shape[1]
+    out = torch.cat([model(inputs[:, i : i + _EVAL_CHUNK]) for i in range(0, n, _EVAL_CHUNK)], dim=1)
+    model.train(was_training)
+    return out
+
+
+def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> list[float]:
+    """``val_score`` of each head; for mAP the K heads' classes are ranked in one call (one AP per column)."""
+    k, n, c = logits.shape
+    if loss == "ce":
+        return [val_score(head, targets, loss) for head in logits]
+    scores = logits.permute(1, 0, 2).reshape(n, k * c).cpu().numpy()
+    ap = average_precision_per_class(scores, np.tile(targets.cpu().numpy(), (1, k))).reshape(k, c)
+    return [nanmean_percent(row) for row in ap]
+
+
+def _train_epoch(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """One pass over the train set; returns the row-weighted mean loss."""
+    total, rows = 0.0, 0
+    for idx in _batches(inputs[0].shape[0], batch_size, generator):
+        if idx is None:
+            batch, batch_targets = inputs, targets
+        else:
+            idx = idx.to(targets.device)
+            batch, batch_targets = [x[idx] for x in inputs], targets[idx]
+        loss = loss_fn(model(*batch), batch_targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item() * batch_targets.shape[0]
+        rows += batch_targets.shape[0]
+    return total / rows
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Write tensors as safetensors with ``info`` as JSON metadata (safetensors metadata must be strings)."""
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(path), metadata={"difffeat": json.dumps(info)})
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of ``save_tensors``."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        info = json.loads(f.metadata()["difffeat"])
+    return tensors, info
+
+
+def outcome_info(outcome: TrainOutcome) -> dict[str, Any]:
+    """The training summary as JSON-able metadata."""
+    return {
+        "best_score": outcome.best_score,
+        "best_epoch": outcome.best_epoch,
+        "history": [list(row) for row in outcome.history],
+        "seconds": outcome.seconds,
+    }
+
+
+def outcome_from_info(info: dict[str, Any]) -> TrainOutcome:
+    """Inverse of ``outcome_info``."""
+    history = [HistoryRow(int(e), float(l), float(s)) for e, l, s in info["history"]]
+    return TrainOutcome(float(info["best_score"]), int(info["best_epoch"]), history, float(info["seconds"]))

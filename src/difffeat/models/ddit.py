@@ -1,0 +1,594 @@
+"""DDiT: the text diffusion transformer of SEDD (Lou et al. 2024), also MDLM's backbone (Sahoo et al. 2024).
+
+One readable file in the style of DiT's ``models.py``. Module and parameter names are exactly SEDD's, so the
+``state_dict()`` keys are the official ones (``reference/checkpoints.md`` §4.2) and SEDD hub files load unchanged;
+MDLM files only need their ``backbone.`` prefix stripped. Parameters are registered in SEDD's order, which
+matters: EMA shadow lists in training checkpoints are in ``parameters()`` order.
+
+Differences from the official code, all numerically neutral in fp32:
+
+* attention is ``F.scaled_dot_product_attention`` instead of flash-attn's packed varlen kernel, with an optional
+  **key padding mask** so right-padded batches of captions give the same features at real positions as one
+  caption at a time (the official models never pad: they see full 1024-token chunks);
+* rotary cos/sin are recomputed per call instead of cached per length;
+* the model runs in its own dtype; SEDD's bf16 autocast is the caller's choice. LayerNorms (and the sigma
+  embedding, computed outside autocast in SEDD) always run in fp32, as in SEDD, so a bf16-autocast forward
+  rounds where SEDD's does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difffeat.models.common import (
+    CheckpointError,
+    read_json,
+    read_state_dict,
+    resolve_indices,
+    sniff_format,
+    strict_load,
+    timestep_embedding,
+)
+
+KINDS = ("sedd", "mdlm")
+FREQ_EMBED_DIM = 256  # GLIDE embedding width fed to sigma_map (SEDD's TimestepEmbedder default)
+MDLM_NEG_INF = -1e6  # MDLM's ``neg_infinity`` for the SUBS parameterization
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+DDIT_PRESETS: dict[str, dict] = {
+    "sedd-small": dict(hidden_size=768, n_heads=12, n_blocks=12, kind="sedd"),
+    "sedd-medium": dict(hidden_size=1024, n_heads=16, n_blocks=24, kind="sedd"),
+    # MDLM trains without time conditioning: the backbone always sees sigma = 0.
+    "mdlm-owt": dict(
+        hidden_size=768, n_heads=12, n_blocks=12, kind="mdlm", scale_by_sigma=False, time_conditioning=False
+    ),
+}
+
+
+@dataclass
+class DDiTConfig:
+    """Architecture of a DDiT. Defaults are SEDD-small on GPT-2 tokens plus one absorbing [MASK] token.
+
+    ``kind`` only changes :meth:`DDiT.log_score` (SEDD score vs MDLM SUBS). ``time_conditioning=False`` (MDLM's
+    default) replaces sigma by 0 inside the model, as MDLM's backbone does, so callers may pass any sigma.
+    ``length`` is the trained context length; longer inputs are refused.
+    """
+
+    vocab_size: int = 50258
+    hidden_size: int = 768
+    cond_dim: int = 128
+    n_heads: int = 12
+    n_blocks: int = 12
+    length: int = 1024
+    scale_by_sigma: bool = True
+    mlp_ratio: int = 4
+    kind: str = "sedd"
+    mask_index: int | None = None
+    time_conditioning: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mask_index is None:
+            self.mask_index = self.vocab_size - 1
+        if self.kind not in KINDS:
+            raise ValueError(f"DDiT kind must be one of {KINDS}, got {self.kind!r}")
+        if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
+        if not 0 <= self.mask_index < self.vocab_size:
+            raise ValueError(f"mask_index {self.mask_index} is outside the vocabulary (size {self.vocab_size})")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DDiTConfig:
+        if name not in DDIT_PRESETS:
+            raise ValueError(f"unknown DDiT preset {name!r}; known: {', '.join(DDIT_PRESETS)}")
+        return cls(**{**DDIT_PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX pairing: dims j and j + D/2 rotate together; [x1, x2] -> [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., L, D]`` by position; cos/sin ``[L, D]`` are cast to x's dtype as SEDD does."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Non-causal attention over ``[B, H, L, D]`` with scale 1/sqrt(D); ``key_mask [B, L]`` True = attend."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class LayerNorm(nn.Module):
+    """SEDD's weight-only LayerNorm, always in fp32 (autocast off), result cast back to the input dtype.
+
+    Under the caller's bf16 autocast the residual stream stays fp32 (as in SEDD), so the cast back is a no-op
+    there; it only matters when the whole module was converted to bf16.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), [x.shape[-1]], eps=1e-5) * self.weight.float()
+        return y.to(x.dtype)
+
+
+class EmbeddingLayer(nn.Module):
+    """Token embedding as a raw Parameter (key ``vocab_embed.embedding``, no ``.weight``)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding[ids]
+
+
+class SigmaEmbedder(nn.Module):
+    """sigma -> GLIDE embedding (256 wide, /128, cos first) -> Linear -> SiLU -> Linear (key ``sigma_map.mlp``)."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(sigma, FREQ_EMBED_DIM)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """``1 / base^(2i / head_dim)`` for i < head_dim / 2, fp32, on the CPU (also under a meta-device build, where
+    ``arange`` would first import seconds' worth of torch's meta kernels)."""
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+
+
+class Rotary(nn.Module):
+    """Rotary position tables; ``inv_freq`` is a persistent buffer because SEDD/MDLM files contain it."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim))
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``[L, head_dim]`` in fp32 (frequencies repeated: ``cat(freqs, freqs)``)."""
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device, torch.float32))
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+class DDiTBlock(nn.Module):
+    """Pre-LN transformer block with adaLN (shift, scale, gate) x (attention, MLP) from the sigma condition."""
+
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
+        )
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, -1)
+        h = self.attend(modulate(self.norm1(x), shift_msa, scale_msa), rope, key_mask)
+        x = x + gate_msa * self.attn_out(h)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def attend(
+        self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """qkv features are [q | k | v], head-major inside each; rotary on q and k only."""
+        B, L, D = h.shape
+        q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return attention(q, k, v, key_mask).transpose(1, 2).reshape(B, L, D)
+
+
+class OutputLayer(nn.Module):
+    """Final adaLN (shift first, then scale) and the untied vocabulary projection."""
+
+    def __init__(self, dim: int, vocab_size: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, vocab_size)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DDiT(nn.Module):
+    """SEDD/MDLM text diffusion transformer with early exit and block capture.
+
+    ``forward`` returns the raw vocabulary logits (before SEDD's scale_by_sigma); :meth:`log_score` turns them
+    into what the training losses use.
+    """
+
+    def __init__(self, config: DDiTConfig):
+        super().__init__()
+        cfg = self.config = config
+        self.vocab_embed = EmbeddingLayer(cfg.hidden_size, cfg.vocab_size)
+        self.sigma_map = SigmaEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.head_dim)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio) for _ in range(cfg.n_blocks)
+        )
+        self.output_layer = OutputLayer(cfg.hidden_size, cfg.vocab_size, cfg.cond_dim)
+        self._zero_init()
+
+    def _zero_init(self) -> None:
+        """SEDD's init: adaLN and output projection start at zero, so each block starts as the identity."""
+        for module in [*(b.adaLN_modulation for b in self.blocks), self.output_layer.adaLN_modulation]:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.output_layer.linear.weight)
+        nn.init.zeros_(self.output_layer.linear.bias)
+
+    @property
+    def depth(self) -> int:
+        return self.config.n_blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def mask_index(self) -> int:
+        """The absorbing [MASK] id (the last one for SEDD/MDLM: one past GPT-2's vocabulary)."""
+        return self.config.mask_index
+
+    @property
+    def max_length(self) -> int:
+        return self.config.length
+
+    def _sigma(self, sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """Noise level per sample, fp32 ``[B]``; a scalar is broadcast to the batch."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+        if sigma.numel() == 1:
+            return sigma.expand(batch)
+        if sigma.numel() != batch:
+            raise ValueError(f"sigma has {sigma.numel()} values for a batch of {batch}")
+        return sigma
+
+    def _prepare(self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None):
+        """Embeddings, condition c = SiLU(sigma_map(sigma)), rotary tables and key mask (outside autocast)."""
+        batch, length = ids.shape
+        if length > self.max_length:
+            raise ValueError(f"sequence length {length} exceeds the model's trained length {self.max_length}")
+        sigma = self._sigma(sigma, batch, ids.device)
+        if not self.config.time_conditioning:
+            sigma = torch.zeros_like(sigma)
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            c = F.silu(self.sigma_map(sigma))
+        rope = self.rotary_emb(length, ids.device)
+        return self.vocab_embed(ids), c, rope, _key_mask(attention_mask)
+
+    def forward(
+        self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw logits ``[B, L, V]`` for token ids ``[B, L]`` at noise level sigma (``[B]`` or a scalar)."""
+        x, c, rope, key_mask = self._prepare(ids, sigma, attention_mask)
+        for block in self.blocks:
+            x = block(x, c, rope, key_mask)
+        return self.output_layer(x, c)
+
+    def forward_intermediates(
+        self, ids: torch.Tensor, sigma: float | torch.Tensor, blocks, attention_mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Residual stream ``[B, L, D]`` after each requested block (0-based, negatives from the end).
+
+        Blocks after the deepest requested one are never run.
+        """
+        wanted = resolve_indices(blocks, self.depth)
+        x, c, rope, key_mask = self._prepare(ids, sigma, attention_mask)
+        out = {}
+        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
+            x = block(x, c, rope, key_mask)
+            if i in wanted:
+                out[i] = x
+        return out
+
+    def log_score(
+        self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the training losses consume: SEDD's log score (kind "sedd") or MDLM's SUBS log-probs ("mdlm")."""
+        logits = self.forward(ids, sigma, attention_mask)
+        if self.config.kind == "mdlm":
+            return subs_log_probs(logits, ids, self.mask_index)
+        if self.config.scale_by_sigma:
+            shift = sedd_sigma_shift(self._sigma(sigma, ids.shape[0], ids.device), logits.shape[-1])
+            logits = logits + shift.to(logits.dtype)[:, None, None]
+        return logits.scatter(-1, ids[..., None], 0.0)
+
+
+def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean key mask; a sequence with no real token attends everywhere so its (unused) outputs stay finite."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def sedd_sigma_shift(sigma: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """SEDD's scale_by_sigma: -log(e^sigma - 1) - log(V - 1), with expm1 below sigma = 0.5 as SEDD computes it."""
+    esigm1 = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1)
+    return -esigm1.log() - math.log(vocab_size - 1)
+
+
+def subs_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """MDLM's SUBS: never predict [MASK]; a position that is not masked keeps its token with certainty."""
+    logits = logits.clone()
+    logits[..., mask_index] += MDLM_NEG_INF
+    log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    certain = torch.full_like(log_probs, MDLM_NEG_INF).scatter(-1, ids[..., None], 0.0)
+    return torch.where((ids != mask_index)[..., None], certain, log_probs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_ddit(model: DDiT, folder: str | Path) -> Path:
+    """Write our own format: ``config.json`` (``architecture: ddit`` + DDiTConfig) and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architecture": "ddit", **asdict(model.config)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
+    )
+    return folder
+
+
+@dataclass
+class _Found:
+    """What a source holds before the model exists: weights, maybe a config, maybe EMA shadows."""
+
+    sd: dict[str, torch.Tensor]
+    what: str
+    config: DDiTConfig | None = None
+    ema: list[torch.Tensor] | None = None
+    ema_is_exact: bool = True  # SEDD's list covers the parameters exactly; MDLM's adds the noise schedule's
+    mdlm: bool = False  # MDLM files may lack rotary_emb.inv_freq (recomputed)
+    hints: dict = field(default_factory=dict)  # config values a file knows but its shapes don't (length, ...)
+
+
+def load_ddit(
+    source: str | Path, *, config: DDiTConfig | str | None = None, map_location: str | torch.device = "cpu"
+) -> DDiT:
+    """Load a DDiT in eval mode with gradients off, from any of:
+
+    * a SEDD hub folder (nested ``config.json`` + ``model.safetensors``/``pytorch_model.bin``) or hub id
+      (``louaaron/sedd-small``, ``louaaron/sedd-medium``);
+    * an MDLM hub folder (flat ``config.json``, ``model_type: mdlm``, ``backbone.``-prefixed weights) or hub id
+      (``kuleshov-group/mdlm-owt``, ``kuleshov-group/mdlm-no_flashattn-fp32-owt``);
+    * an MDLM Lightning ``.ckpt``: ``state_dict`` with ``backbone.`` keys; keys under ``noise.`` (the noise
+      schedule, not the network) are ignored, nothing else is; EMA weights are used when present, since MDLM
+      evaluates and releases EMA weights;
+    * a SEDD training ``checkpoint.pth`` (``{"model", "ema", ...}``): EMA shadow weights are used;
+    * our own folder (``config.json`` with ``architecture: ddit``) written by :func:`save_ddit`;
+    * a bare state dict file (SEDD keys, or MDLM ``backbone.`` keys).
+
+    ``config`` (a DDiTConfig or preset name) overrides what config.json says or the tensor shapes imply; a file
+    without config.json needs it only if it lacks ``rotary_emb.inv_freq`` (which gives the head count).
+    Keys and shapes must match exactly; otherwise one CheckpointError lists every mismatch.
+    """
+    path = Path(source)
+    if not path.exists():
+        path = _fetch_from_hub(str(source))
+    found = _read_folder(path) if path.is_dir() else _read_file(path)
+    if isinstance(config, str):
+        config = DDiTConfig.preset(config)
+    cfg = config or found.config or _infer_config(found, path)
+    with torch.device("meta"):  # skip random init: every tensor is overwritten by the strict load
+        model = DDiT(cfg)
+    model.to_empty(device=map_location)
+    sd = dict(found.sd)
+    if found.mdlm:
+        sd.setdefault("rotary_emb.inv_freq", rotary_inv_freq(cfg.head_dim))
+    what = found.what
+    if found.ema is not None:
+        sd.update(_ema_weights(model, found, path))
+        what += ", EMA weights"
+    expected = f"a DDiT (hidden {cfg.hidden_size}, {cfg.n_blocks} blocks, {cfg.n_heads} heads, vocab {cfg.vocab_size})"
+    strict_load(model, sd, f"{path} ({what})", expected)
+    return model.eval().requires_grad_(False)
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    """Download config.json and one weights file (pytorch_model.bin only where there is no safetensors)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise CheckpointError(f"{repo_id}: no such file or folder, and not a Hugging Face hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
+        if not (folder / "model.safetensors").is_file():
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin"]))
+    except Exception as exc:  # network, auth, missing repo: all mean "not available here"
+        raise CheckpointError(
+            f"{repo_id} could not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
+            "download it where there is network access and pass the local folder instead"
+        ) from exc
+    return folder
+
+
+def _read_folder(folder: Path) -> _Found:
+    """config.json tells the layout: ours, MDLM's flat one or SEDD's nested Hydra one."""
+    raw = read_json(folder / "config.json")
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
+    sd = read_state_dict(weights)
+    if raw.get("architecture") == "ddit":
+        own = {k: v for k, v in raw.items() if k != "architecture"}
+        return _Found(sd, "difffeat DDiT folder", config=_build_config(folder, lambda: DDiTConfig(**own)))
+    if raw.get("model_type") == "mdlm":
+        return _Found(
+            _strip_backbone(sd), "MDLM folder", config=_build_config(folder, lambda: _mdlm_config(raw)), mdlm=True
+        )
+    if "tokens" in raw and isinstance(raw.get("model"), dict):
+        return _Found(sd, "SEDD folder", config=_build_config(folder, lambda: _sedd_config(raw)))
+    raise CheckpointError(
+        f"{folder}/config.json is not a DDiT config (expected our 'architecture: ddit', MDLM's 'model_type: mdlm' "
+        f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}; "
+        f"the weights look like {sniff_format(sd)}"
+    )
+
+
+def _build_config(folder: Path, build) -> DDiTConfig:
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/config.json: cannot build a DDiT config from it ({exc!r})") from exc
+
+
+def _sedd_config(raw: dict) -> DDiTConfig:
+    """SEDD's Hydra config: vocab = tokens + 1 (the absorbing [MASK] is the last id)."""
+    graph = (raw.get("graph") or {}).get("type", "absorb")
+    if graph != "absorb":
+        raise ValueError(f"graph type {graph!r}: only SEDD's absorbing graph has a [MASK] token to corrupt with")
+    m = raw["model"]
+    return DDiTConfig(
+        vocab_size=raw["tokens"] + 1,
+        hidden_size=m["hidden_size"],
+        cond_dim=m["cond_dim"],
+        n_heads=m["n_heads"],
+        n_blocks=m["n_blocks"],
+        length=m.get("length", raw.get("length", 1024)),
+        scale_by_sigma=m.get("scale_by_sigma", True),
+        kind="sedd",
+    )
+
+
+def _mdlm_config(raw: dict) -> DDiTConfig:
+    return DDiTConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_dim"],
+        cond_dim=raw["cond_dim"],
+        n_heads=raw["n_heads"],
+        n_blocks=raw["n_blocks"],
+        length=raw.get("model_length", 1024),
+        scale_by_sigma=False,
+        kind="mdlm",
+        time_conditioning=raw.get("time_conditioning", False),
+    )
+
+
+def _read_file(path: Path) -> _Found:
+    """One file: MDLM Lightning ckpt, SEDD training checkpoint, or a bare state dict."""
+    obj = read_state_dict(path)
+    if isinstance(obj.get("state_dict"), dict):
+        sd = {k: v for k, v in obj["state_dict"].items() if not k.startswith("noise.")}
+        return _Found(
+            _strip_backbone(sd),
+            "MDLM Lightning checkpoint",
+            ema=_shadows(obj),
+            ema_is_exact=False,
+            mdlm=True,
+            hints=_mdlm_hparams(obj),
+        )
+    if isinstance(obj.get("model"), dict):
+        return _Found(dict(obj["model"]), "SEDD training checkpoint", ema=_shadows(obj))
+    if any(k.startswith("backbone.") for k in obj):
+        return _Found(_strip_backbone(obj), "MDLM state dict", mdlm=True)
+    return _Found(obj, "state dict")
+
+
+def _strip_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("backbone."): v for k, v in sd.items()}
+
+
+def _shadows(obj: dict) -> list[torch.Tensor] | None:
+    ema = obj.get("ema")
+    return list(ema["shadow_params"]) if isinstance(ema, dict) and "shadow_params" in ema else None
+
+
+def _mdlm_hparams(obj: dict) -> dict:
+    """Trained length and time conditioning from a Lightning ckpt's saved Hydra config, when it has one."""
+    config = (obj.get("hyper_parameters") or {}).get("config") or {}
+    hints = {}
+    if "time_conditioning" in config:
+        hints["time_conditioning"] = bool(config["time_conditioning"])
+    if "length" in (config.get("model") or {}):
+        hints["length"] = int(config["model"]["length"])
+    return hints
+
+
+def _ema_weights(model: DDiT, found: _Found, path: Path) -> dict[str, torch.Tensor]:
+    """Name the EMA shadows: they are listed in ``parameters()`` order (buffers such as inv_freq excluded)."""
+    names = [name for name, _ in model.named_parameters()]
+    n = len(found.ema)
+    if n < len(names) or (found.ema_is_exact and n != len(names)):
+        raise CheckpointError(
+            f"{path} ({found.what}): its EMA holds {n} shadow parameters but the model has {len(names)} "
+            "parameters, so they cannot be matched by position"
+        )
+    return dict(zip(names, found.ema, strict=False))
+
+
+def _infer_config(found: _Found, path: Path) -> DDiTConfig:
+    """Architecture from tensor shapes; the head count comes from inv_freq (head_dim / 2 values)."""
+    sd = found.sd
+    try:
+        vocab, hidden = sd["vocab_embed.embedding"].shape
+        cond = sd["sigma_map.mlp.0.weight"].shape[0]
+        ratio = sd["blocks.0.mlp.0.weight"].shape[0] // hidden
+        head_dim = 2 * sd["rotary_emb.inv_freq"].numel()
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{path} ({found.what}): cannot infer the DDiT architecture, {exc} is not in the file (pass config=...); "
+            f"the file looks like {sniff_format(sd)}"
+        ) from exc
+    n_blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    kind = dict(kind="mdlm", scale_by_sigma=False, time_conditioning=False) if found.mdlm else dict(kind="sedd")
+    return DDiTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        cond_dim=cond,
+        n_heads=hidden // head_dim,
+        n_blocks=n_blocks,
+        mlp_ratio=ratio,
+        **{**kind, **found.hints},
+    )

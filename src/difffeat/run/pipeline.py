@@ -1,0 +1,485 @@
+"""One experiment, end to end: extract, sweep or search, fuse, evaluate, report.
+
+Every step writes its outputs into the run folder and is skipped when they exist, so ``difffeat run`` can be
+killed and rerun at any point and the individual steps (``difffeat extract|sweep|search|fit|evaluate|report``)
+can be run one by one. The run folder holds:
+
+    config.yaml            the configuration as run
+    store/                 the feature store (see difffeat.features.store)
+    sweep_<modality>.csv   probe validation scores per (block, t) (grid mode)
+    search.json            every evaluation of the local search, its path and its choice
+    search_cache.json      memo of evaluations, so a resumed search costs nothing twice
+    heads/                 the trained fusion, ablation and baseline heads
+    results.json           test metrics of every head
+    metrics.json           the machine-readable summary; report.html, *.png: the report
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difffeat.data import Dataset
+from difffeat.data.core import load_image
+from difffeat.features.jobs import (
+    extract_image_split,
+    extract_text_split,
+    fill_entries,
+    model_name,
+    prepare_ids,
+)
+from difffeat.features.store import EntryKey, FeatureStore, atomic_write_json
+from difffeat.heads.fusion import FusionConfig, FusionResult, fit_fusion
+from difffeat.heads.probe import ProbeConfig, fit_probe, run_sweep
+from difffeat.metrics import multilabel_metrics, single_label_metrics
+from difffeat.models.common import resolve_indices
+from difffeat.models.vae import center_crop_arr
+from difffeat.run.config import RunConfig, save_config
+from difffeat.run.summary import chosen_cells
+from difffeat.search import SearchResult, local_search
+from difffeat.utils import distributed
+from difffeat.utils.progress import progress
+from difffeat.utils.runtime import resolve_device
+
+Cell = tuple[int, int]
+DEFAULT_IMAGE_TIMESTEPS = [10, 50, 100, 200, 300, 400, 500, 700, 900]
+DEFAULT_TEXT_STEPS = [0, 100, 250, 500, 750]
+PIXEL_BASELINE_SIZE = 32
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The configured dataset, each split cut to ``data.limit`` samples when set."""
+    from difffeat.data.registry import available_datasets, load_dataset, register_dataset
+    from difffeat.demo.data import demo_dataset
+
+    if "demo" not in available_datasets():
+        register_dataset("demo", demo_dataset)
+
+    kwargs = dict(cfg.data.options)
+    if cfg.data.root is not None:
+        kwargs[{"manifest": "path", "demo": "cache_dir"}.get(cfg.data.kind, "root")] = cfg.data.root
+    ds = load_dataset(cfg.data.kind, **kwargs)
+    if cfg.data.limit:
+        for split in ds.splits.values():
+            split.samples = split.samples[: cfg.data.limit]
+    return ds
+
+
+class Experiment:
+    """Holds the configuration, the dataset, the store and (lazily) the models of one run folder."""
+
+    def __init__(self, cfg: RunConfig, rank: int = 0, world: int = 1):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = FeatureStore(self.out / "store")
+        self.dist = {"rank": rank, "world": world}
+        self.device = resolve_device(cfg.extract.device)
+        if rank == 0:
+            save_config(cfg, self.out / "config.yaml")
+
+    # ---- data and models ---------------------------------------------------------------------------
+    @cached_property
+    def data(self) -> Dataset:
+        return load_data(self.cfg)
+
+    @property
+    def modalities(self) -> list[str]:
+        """The configured modalities that have a model."""
+        sources = {"image": self.cfg.image.dit, "text": self.cfg.text.ddit}
+        mods = [m for m in self.cfg.extract.modalities if sources.get(m)]
+        if not mods:
+            raise ValueError("no modality to run: set image.dit and/or text.ddit in the config")
+        return mods
+
+    @cached_property
+    def image_extractor(self):
+        from difffeat.features.extract import ImageFeatureExtractor
+        from difffeat.models.dit import load_dit
+        from difffeat.models.vae import load_vae
+
+        m = self.cfg.image
+        dit = load_dit(m.dit, numerics=m.numerics).to(self.device)
+        vae = load_vae(m.vae).to(self.device) if m.vae else None
+        return ImageFeatureExtractor(
+            dit, vae, image_size=m.image_size, sample_posterior=m.sample_posterior, compile=self.cfg.extract.compile
+        )
+
+    @cached_property
+    def text_extractor(self):
+        from difffeat.features.extract import TextFeatureExtractor
+        from difffeat.models.ddit import load_ddit
+        from difffeat.models.tokenizers import load_tokenizer
+
+        m = self.cfg.text
+        ddit = load_ddit(m.ddit).to(self.device)
+        tok = load_tokenizer(
+            m.tokenizer or _default_tokenizer(m.ddit), add_special=m.add_special, kind=ddit.config.kind
+        )
+        return TextFeatureExtractor(ddit, tok, max_length=m.max_length, compile=self.cfg.extract.compile)
+
+    def model_name(self, modality: str) -> str:
+        m = self.cfg.image if modality == "image" else self.cfg.text
+        return model_name(m.dit if modality == "image" else m.ddit, m.name)
+
+    def depth(self, modality: str) -> int:
+        return self.image_extractor.dit.depth if modality == "image" else self.text_extractor.ddit.depth
+
+    # ---- grids -------------------------------------------------------------------------------------
+    def grid(self, modality: str) -> tuple[list[int], list[int]]:
+        """(blocks, timesteps) of the sweep lattice; blocks default to all of the model's blocks."""
+        s = self.cfg.search
+        blocks = s.image_grid_blocks if modality == "image" else s.text_grid_blocks
+        steps = s.image_grid_timesteps if modality == "image" else s.text_grid_timesteps
+        depth = self.depth(modality)
+        blocks = resolve_indices(blocks, depth) if blocks else list(range(depth))
+        default = DEFAULT_IMAGE_TIMESTEPS if modality == "image" else DEFAULT_TEXT_STEPS
+        return blocks, sorted(steps or default)
+
+    # ---- features ----------------------------------------------------------------------------------
+    def ensure(self, modality: str, blocks: Sequence[int], timesteps: Sequence[int], splits: Sequence[str]) -> None:
+        """Extract whatever of blocks x timesteps is missing: one truncated forward per timestep and batch."""
+        for split in splits:
+            if modality == "image":
+                ex = self.image_extractor
+                extract_image_split(
+                    self.store, ex, self.data.split(split), self.model_name("image"), self.cfg.image,
+                    self.cfg.extract, blocks, timesteps, **self.dist,
+                )  # fmt: skip
+            else:
+                extract_text_split(
+                    self.store, self.text_extractor, self.data.split(split), self.model_name("text"), self.cfg.text,
+                    self.cfg.extract, blocks, timesteps, **self.dist,
+                )  # fmt: skip
+
+    def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
+        from difffeat.features.jobs import image_variant, text_variant
+
+        ex = self.cfg.extract
+        if modality == "image":
+            var, pool = image_variant(self.cfg.image, ex), ex.pool
+        else:
+            var, pool = text_variant(ex), ex.text_pool
+        return EntryKey(modality, model or self.model_name(modality), cell[0], cell[1], pool, ex.seed, split, var)
+
+    def features(self, modality: str, cell: Cell, split: str) -> np.ndarray:
+        key = self.key(modality, cell, split)
+        if not self.store.has(key):
+            self.ensure(modality, [cell[0]], [cell[1]], [split])
+        return self.store.read(key)
+
+    def samples(self, split: str) -> list:
+        """The split's samples in the store's row order (recording that order if this is the first use)."""
+        sp = self.data.split(split)
+        return [sp.samples[i] for i in prepare_ids(self.store, sp, self.cfg.extract.skip_bad)]
+
+    def targets(self, split: str) -> np.ndarray:
+        """Targets in the store's row order: multi-hot [N, C], or int labels [N] for single-label data."""
+        samples = self.samples(split)
+        if self.data.single_label:
+            return np.array([s.labels[0] for s in samples], dtype=np.int64)
+        y = np.zeros((len(samples), self.data.num_classes), dtype=np.float32)
+        for i, s in enumerate(samples):
+            y[i, list(s.labels)] = 1
+        return y
+
+    def ignore(self, split: str) -> np.ndarray | None:
+        """VOC-style "difficult" labels to leave out of metrics, in row order (None when there are none)."""
+        samples = self.samples(split)
+        if not any(s.ignore for s in samples):
+            return None
+        m = np.zeros((len(samples), self.data.num_classes), dtype=bool)
+        for i, s in enumerate(samples):
+            m[i, list(s.ignore)] = True
+        return m
+
+    # ---- heads -------------------------------------------------------------------------------------
+    @property
+    def loss(self) -> str:
+        return "ce" if self.data.single_label else "bce"
+
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig(**asdict(self.cfg.probe), loss=self.loss)
+
+    def fusion_config(self, search: bool = False, **overrides) -> FusionConfig:
+        f = self.cfg.fusion
+        cfg = FusionConfig(
+            epochs=f.search_epochs if search else f.epochs,
+            lr=f.lr,
+            weight_decay=f.weight_decay,
+            batch_size=f.batch_size,
+            patience=f.patience,
+            seed=f.seed,
+            num_threads=f.num_threads,
+            loss=self.loss,
+            width=f.search_width if search else f.width,
+            mode=f.mode,
+            activation=f.activation,
+        )
+        return replace(cfg, **overrides)
+
+    def probe_score(self, modality: str, cell: Cell) -> float:
+        r = fit_probe(
+            self.features(modality, cell, "train"),
+            self.targets("train"),
+            self.features(modality, cell, "val"),
+            self.targets("val"),
+            self.probe_config(),
+        )
+        return r.best_score
+
+    def pair_score(self, image_cell: Cell, text_cell: Cell) -> float:
+        feats = {
+            s: [self.features("image", image_cell, s), self.features("text", text_cell, s)] for s in ("train", "val")
+        }
+        r = fit_fusion(
+            feats["train"], self.targets("train"), feats["val"], self.targets("val"), self.fusion_config(True)
+        )
+        return r.best_score
+
+
+def _default_tokenizer(ddit_source: str) -> str:
+    """Our own models keep ``tokenizer.json`` next to the weights; SEDD/MDLM use GPT-2's tokenizer."""
+    p = Path(ddit_source)
+    return str(p / "tokenizer.json") if (p / "tokenizer.json").exists() else "gpt2"
+
+
+# ---- steps ---------------------------------------------------------------------------------------------
+def step_extract(exp: Experiment) -> None:
+    """The extract section's blocks x timesteps for every split (what ``difffeat extract`` does)."""
+    ex = exp.cfg.extract
+    for m in exp.modalities:
+        blocks, steps = (ex.image_blocks, ex.image_timesteps) if m == "image" else (ex.text_blocks, ex.text_timesteps)
+        exp.ensure(m, blocks, steps, exp.cfg.data.splits)
+
+
+def extract_grid(exp: Experiment) -> None:
+    """Every cell of the sweep grid for train and val (what the sweep probes)."""
+    for m in exp.modalities:
+        exp.ensure(m, *exp.grid(m), ["train", "val"])
+
+
+def step_sweep(exp: Experiment) -> dict[str, np.ndarray]:
+    """The full grid per modality: extraction of every cell, then one probe per cell (CSV, resumable)."""
+    extract_grid(exp)
+    tables = {}
+    for m in exp.modalities:
+        blocks, steps = exp.grid(m)
+        res = run_sweep(
+            lambda b, t, split, m=m: exp.features(m, (b, t), split),
+            blocks, steps, exp.targets("train"), exp.targets("val"), exp.probe_config(),
+            csv_path=exp.out / f"sweep_{m}.csv",
+        )  # fmt: skip
+        tables[m] = res.scores
+    return tables
+
+
+def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) -> SearchResult:
+    """Local search over (block, t) per modality, then over fused pairs; every evaluation logged and cached.
+
+    With sweep ``tables`` (grid mode) unimodal scores are looked up in them rather than refitted, and the
+    search still counts every cell it asks for, so its cost can be compared with the grid's.
+    """
+    grids = {m: exp.grid(m) for m in exp.modalities}
+    starts = _starts(exp, grids)
+    cache_path = exp.out / "search_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if tables is not None:  # grid mode: unimodal scores come from the tables (and are counted); pairs are fits
+        cache = {k: v for k, v in cache.items() if k.startswith("pair")}
+
+    def single(modality: str, cell: Cell) -> float:
+        if tables is not None:
+            blocks, steps = grids[modality]
+            return float(tables[modality][blocks.index(cell[0]), steps.index(cell[1])])
+        return exp.probe_score(modality, cell)
+
+    def log(record) -> None:
+        tqdm.write(f"search: {record}")
+        if tables is None or record.stage == "pair":  # a killed search resumes without refitting anything
+            atomic_write_json(cache_path, {k: v for k, v in cache.items() if tables is None or k.startswith("pair")})
+
+    s = exp.cfg.search
+    result = local_search(
+        single, exp.pair_score if len(grids) == 2 else None, grids, starts,
+        budget=s.budget, radius=s.radius, cache=cache, log=log, strategy=s.strategy,
+    )  # fmt: skip
+    atomic_write_json(exp.out / "search.json", {**result.to_dict(), "mode": exp.cfg.search.mode})
+    return result
+
+
+def _starts(exp: Experiment, grids: dict[str, tuple[list[int], list[int]]]) -> dict[str, Cell]:
+    s, out = exp.cfg.search, {}
+    for m, given in (("image", s.image_start), ("text", s.text_start)):
+        if m in grids and given:
+            out[m] = (given[0] % exp.depth(m), given[1])
+    return out
+
+
+def step_fit(exp: Experiment) -> dict[str, FusionResult]:
+    """Final heads on train (model selection on val): the fused model, its ablations and baselines."""
+    cells = chosen_cells(exp.out)
+    heads_dir = exp.out / "heads"
+    heads_dir.mkdir(exist_ok=True)
+    specs = _head_specs(exp, cells)
+    results = {}
+    for name, (inputs, overrides) in progress(specs.items(), desc="fit heads"):
+        path = heads_dir / f"{name}.safetensors"
+        if path.exists():
+            results[name] = FusionResult.load(path)
+            continue
+        tr = [get("train") for get in inputs]
+        va = [get("val") for get in inputs]
+        results[name] = fit_fusion(tr, exp.targets("train"), va, exp.targets("val"), exp.fusion_config(**overrides))
+        results[name].save(path)
+    return results
+
+
+def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list[Callable[[str], np.ndarray]], dict]]:
+    """name -> (feature getters per input, FusionConfig overrides)."""
+
+    def feat(m: str) -> Callable[[str], np.ndarray]:
+        return lambda split: exp.features(m, cells[m], split)
+
+    mods = [m for m in ("image", "text") if m in cells]
+    specs: dict[str, tuple[list, dict]] = {"fused" if len(mods) == 2 else mods[0]: ([feat(m) for m in mods], {})}
+    f = exp.cfg.fusion
+    for ab in f.ablations:
+        if ab in mods and len(mods) == 2:
+            specs[ab] = ([feat(ab)], {})
+        elif ab == "concat" and len(mods) == 2:
+            specs["concat"] = ([feat(m) for m in mods], {"mode": "concat"})
+        elif ab.startswith("width"):
+            specs[f"fused_{ab}"] = ([feat(m) for m in mods], {"width": int(ab[5:])})
+    if "pixels" in f.baselines:
+        specs["pixels"] = ([lambda split: pixel_features(exp, split)], {})
+    if "random_init" in f.baselines:
+        for m in mods:
+            specs[f"random_init_{m}"] = ([lambda split, m=m: random_init_features(exp, m, cells[m], split)], {})
+    return specs
+
+
+def pixel_features(exp: Experiment, split: str) -> np.ndarray:
+    """Raw pixels (centre crop at 32 px, [0, 1], flattened): the baseline any learned feature must beat."""
+    key = EntryKey("pixels", f"crop{PIXEL_BASELINE_SIZE}", -1, -1, "flat", 0, split)
+    if not exp.store.has(key):
+        samples = exp.samples(split)
+
+        def compute(lo: int, hi: int) -> dict[EntryKey, np.ndarray]:
+            rows = [np.asarray(center_crop_arr(load_image(s), PIXEL_BASELINE_SIZE)) for s in samples[lo:hi]]
+            return {key: (np.stack(rows).reshape(hi - lo, -1) / 255.0).astype(np.float16)}
+
+        fill_entries(exp.store, [key], len(samples), exp.cfg.extract.shard_size, compute, {}, f"pixels {split}")
+    return exp.store.read(key)
+
+
+def random_init_features(exp: Experiment, modality: str, cell: Cell, split: str) -> np.ndarray:
+    """The same architecture with random weights (PyTorch default init everywhere, seeded), same cell.
+
+    DiT's and DDiT's own inits zero every adaLN gate, which would make all blocks the identity; the default init
+    keeps them active, so this measures what the architecture alone gives, not what training added.
+    """
+    from difffeat.features.jobs import extract_image_split, extract_text_split
+
+    name = f"{exp.model_name(modality)}-random-init"
+    key = exp.key(modality, cell, split, model=name)
+    if not exp.store.has(key):
+        trained = exp.image_extractor if modality == "image" else exp.text_extractor
+        ex = _random_twin(trained, modality, exp.cfg.extract.seed, exp.device)
+        extract = extract_image_split if modality == "image" else extract_text_split
+        model_cfg = exp.cfg.image if modality == "image" else exp.cfg.text
+        extract(
+            exp.store, ex, exp.data.split(split), name, model_cfg, exp.cfg.extract, [cell[0]], [cell[1]], **exp.dist
+        )
+    return exp.store.read(key)
+
+
+def _random_twin(trained, modality: str, seed: int, device: torch.device):
+    """An extractor like ``trained`` (same VAE or tokenizer) around a freshly initialised copy of its backbone."""
+    from difffeat.features.extract import ImageFeatureExtractor, TextFeatureExtractor
+    from difffeat.models.ddit import DDiT
+    from difffeat.models.dit import DiT
+
+    torch.manual_seed(seed)
+    model = DiT(trained.dit.config) if modality == "image" else DDiT(trained.ddit.config)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d | torch.nn.Embedding):
+            mod.reset_parameters()
+    model = model.eval().to(device)
+    if modality == "text":
+        return TextFeatureExtractor(model, trained.tokenizer, max_length=trained.max_length)
+    ex = ImageFeatureExtractor(model, image_size=trained.image_size)
+    ex.encoder = trained.encoder
+    return ex
+
+
+def step_evaluate(exp: Experiment, heads: dict[str, FusionResult]) -> dict[str, dict]:
+    """Test metrics of every head; the head's inputs are rebuilt from the same specs as in fitting."""
+    specs = _head_specs(exp, chosen_cells(exp.out))
+    y, ign = exp.targets("test"), exp.ignore("test")
+    results = {}
+    for name, head in heads.items():
+        scores = head.predict([get("test") for get in specs[name][0]])
+        if exp.data.single_label:
+            results[name] = single_label_metrics(scores, y)
+        else:
+            results[name] = multilabel_metrics(scores, y, top_k=3, ignore=ign, class_names=exp.data.classes)
+        results[name]["val_score"] = head.best_score
+    atomic_write_json(exp.out / "results.json", _jsonable(results))
+    return results
+
+
+def _jsonable(obj):
+    from difffeat.run.report import to_jsonable
+
+    return to_jsonable(obj)
+
+
+STEPS = ("extract", "sweep", "search", "fit", "evaluate", "report")
+
+
+def run(cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evaluate", "report")) -> Experiment:
+    """Run the experiment: each step resumes from what the run folder already holds.
+
+    ``sweep`` only runs in grid mode; in search mode the search extracts and probes the cells it visits.
+
+    Under torchrun (:mod:`difffeat.utils.distributed`) every rank takes its share of the extraction (the extract
+    section, and in grid mode the sweep grid); then the other ranks return and rank 0 runs the rest alone over
+    the merged store, extracting by itself whatever a later step still asks for (the cells a local search
+    visits, the test split of the chosen cells).
+    """
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {STEPS}")
+    where = distributed.info()
+    exp = Experiment(cfg, where.rank, where.world)
+    with distributed.rank_zero_first(where.rank, where.world):  # a reader's cache is written by rank 0 alone
+        _ = exp.data
+    start = time.time()
+    if "extract" in steps:
+        step_extract(exp)
+    if where.world > 1:
+        if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps):
+            extract_grid(exp)
+        if not where.is_main:
+            return exp
+        exp.dist = {"rank": 0, "world": 1}
+    tables = step_sweep(exp) if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps) else None
+    if "search" in steps:
+        step_search(exp, tables)
+    if "fit" in steps or "evaluate" in steps:
+        heads = step_fit(exp)
+        if "evaluate" in steps:
+            step_evaluate(exp, heads)
+    if "report" in steps:
+        from difffeat.run.summary import build_report
+
+        build_report(exp, seconds=time.time() - start)
+    return exp

@@ -1,0 +1,44 @@
+"""`difffeat demo --quick`: the whole method on the embedded data with the committed tiny models."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from difffeat.models.ddit import load_ddit
+from difffeat.models.dit import load_dit
+from difffeat.run.cli import app
+from difffeat.run.demo import DEMO_DDIT, DEMO_DIT
+
+OUTPUTS = ("config.yaml", "sweep_image.csv", "sweep_text.csv", "search.json", "results.json", "metrics.json",
+           "report.html", "heatmap_image.png", "heatmap_text.png", "tsne.png")  # fmt: skip
+
+
+def test_the_committed_models_load_through_the_real_loaders_and_fit_the_size_budget():
+    dit, ddit = load_dit(DEMO_DIT), load_ddit(DEMO_DDIT)
+    assert dit.config.input_size == 32 and dit.depth == 6 and ddit.depth == 6
+    size = sum(p.stat().st_size for p in [*DEMO_DIT.iterdir(), *DEMO_DDIT.iterdir()])
+    assert size <= 30 * 2**20
+    for folder in (DEMO_DIT, DEMO_DDIT):
+        recipe = json.loads((folder / "recipe.json").read_text())
+        assert recipe["final_loss"] < recipe["first_loss"] and recipe["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_complete_run_with_metrics_in_range(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["test"]) >= {"fused", "image", "text", "concat", "pixels", "random_init_image", "random_init_text"}
+    for name, res in m["test"].items():
+        for key in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3"):
+            assert math.isfinite(res[key]) and 0 <= res[key] <= 100, (name, key, res[key])
+    assert m["search"]["grid_size_unimodal"] == 3 * 4 + 3 * 3
+    assert set(m["checks"]) >= {"fused_above_image_and_text", "search_used_at_most_a_third_of_grid"}
+    assert "difffeat demo: test metrics" in result.output and "report:" in result.output
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3

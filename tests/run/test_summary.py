@@ -1,0 +1,76 @@
+"""The measured checks a run reports: each one can come out true, false, or undecidable."""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from difffeat.run.summary import CLEAR_MARGIN, _still_improving_note, claims, still_improving
+
+GRIDS = {"image": ([0, 1, 2], [0, 100, 500, 999]), "text": ([0, 1], [0, 250, 750])}
+
+
+def tables(image_best=(1, 1), text_best=(1, 0)):
+    image, text = np.full((3, 4), 30.0), np.full((2, 3), 40.0)
+    image[image_best], text[text_best] = 50.0, 60.0
+    return {"image": image, "text": text}
+
+
+def search(image=50.0, text=60.0, evaluations=6):
+    return {"best_scores": {"image": image, "text": text}, "num_scored_unimodal": evaluations,
+            "grid_cells": {"image": 12, "text": 6, "pair": 72}}  # fmt: skip
+
+
+def results(fused=70.0, image=50.0, text=60.0, pixels=40.0, random_init=45.0, random_text=50.0):
+    named = {"fused": fused, "image": image, "text": text, "pixels": pixels, "random_init_image": random_init,
+             "random_init_text": random_text}  # fmt: skip
+    return {name: {"mAP": v} for name, v in named.items()}
+
+
+def test_a_working_run_passes_every_check():
+    out = claims(results(), search(), tables(), GRIDS, "mAP")
+    assert out == {
+        "fused_above_image_and_text": True,
+        f"image_above_pixels_by_{CLEAR_MARGIN:g}": True,
+        f"image_above_random_init_image_by_{CLEAR_MARGIN:g}": True,
+        f"text_above_random_init_text_by_{CLEAR_MARGIN:g}": True,
+        "image_best_t_below_grid_max": True,
+        "text_best_step_at_low_noise": True,
+        "image_search_within_0.5_of_grid": True,
+        "text_search_within_0.5_of_grid": True,
+        "search_used_at_most_a_third_of_grid": True,
+    }
+
+
+def test_each_failure_is_reported():
+    out = claims(
+        results(fused=55.0, image=46.0, pixels=45.0, random_init=45.0, random_text=59.0),  # fused < text; 1 above
+        search(image=49.0, text=59.0, evaluations=7),  # 1 below the grid optima; 7 > 18 / 3 evaluations
+        tables(image_best=(2, 3), text_best=(0, 2)),  # image best at t = 999, text best at step 750
+        GRIDS,
+        "mAP",
+    )
+    assert not any(out.values()), out
+
+
+def test_the_fused_head_cannot_carry_the_image_checks_and_missing_runs_are_undecided():
+    res = results(fused=90.0, image=41.0)  # text makes the fused head strong; image features are not
+    out = claims(res, search(), tables(), GRIDS, "mAP")
+    assert out[f"image_above_pixels_by_{CLEAR_MARGIN:g}"] is False
+    del res["pixels"]
+    partial = {"image": np.where(np.eye(3, 4, dtype=bool), 50.0, np.nan)}  # search mode: only visited cells
+    out = claims(res, search(), partial, GRIDS, "mAP")
+    assert out[f"image_above_pixels_by_{CLEAR_MARGIN:g}"] is None
+    assert "image_search_within_0.5_of_grid" not in out and out["image_best_t_below_grid_max"] is True
+
+
+def test_probes_and_heads_cut_off_while_improving_are_named(tmp_path):
+    (tmp_path / "sweep_image.csv").write_text("block,t,val_score,best_epoch,seconds\n0,0,30.0,200,1\n0,50,20.0,120,1\n")
+    (tmp_path / "sweep_text.csv").write_text("block,t,val_score,best_epoch,seconds\n1,0,70.0,181,1\n")
+    cfg = SimpleNamespace(probe=SimpleNamespace(epochs=200), fusion=SimpleNamespace(epochs=100))
+    exp = SimpleNamespace(out=tmp_path, modalities=["image", "text"], cfg=cfg)
+    heads = {"fused": SimpleNamespace(best_epoch=60), "image": SimpleNamespace(best_epoch=95)}
+    late = still_improving(exp, heads)
+    assert late == {"probes": ["image (0, 0)", "text (1, 0)"], "heads": ["image"]}
+    note = _still_improving_note(late)
+    assert "2 sweep probes" in note and "heads image" in note
+    assert _still_improving_note({"probes": [], "heads": []}) is None
