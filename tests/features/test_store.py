@@ -78,7 +78,8 @@ def test_leftover_temp_files_do_not_count_as_shards(tmp_path):
 
 
 def test_finished_files_are_as_readable_as_ordinary_files(tmp_path):
-    from difffeat.features.store import FILE_MODE, atomic_save_npy, atomic_write_json
+    from difffeat.features.store import atomic_save_npy
+    from difffeat.utils.io import FILE_MODE, atomic_write_json
 
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     atomic_save_npy(tmp_path / "b.npy", np.zeros(3))

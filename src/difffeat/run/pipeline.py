@@ -36,7 +36,7 @@ from difffeat.features.jobs import (
     model_name,
     prepare_ids,
 )
-from difffeat.features.store import EntryKey, FeatureStore, atomic_write_json
+from difffeat.features.store import EntryKey, FeatureStore
 from difffeat.heads.fusion import FusionConfig, FusionResult, fit_fusion
 from difffeat.heads.probe import ProbeConfig, fit_probe, run_sweep
 from difffeat.metrics import multilabel_metrics, single_label_metrics
@@ -46,6 +46,7 @@ from difffeat.run.config import RunConfig, save_config
 from difffeat.run.summary import chosen_cells
 from difffeat.search import SearchResult, local_search
 from difffeat.utils import distributed
+from difffeat.utils.io import atomic_write_json
 from difffeat.utils.progress import progress
 from difffeat.utils.runtime import resolve_device
 
