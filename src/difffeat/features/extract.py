@@ -1,4 +1,9 @@
-"""Feature extraction: one truncated forward per timestep, every requested block captured on the way.
+"""Feature extraction through a backbone adapter: one truncated forward per timestep, every requested block
+captured on the way.
+
+The extractors know nothing of a model family: the adapter (``models.base.Backbone``) encodes, noises in its
+own time convention, conditions and runs the truncated forward; pooling, token normalisation, ensembles and
+fused timesteps happen here, identically for every family.
 
 Both extractors return ``{(block, t): Tensor[N, D]}`` (float32) with 0-based block indices (negative ones are
 resolved against the model's depth) and, for ``pool="none"``, token tensors ``[N, T, D]``. Results are on the
@@ -12,30 +17,23 @@ rounding (a larger batch can pick other matmul kernels), so fewer, larger kernel
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difffeat.models.base import Clean, ImageBackbone, TextBackbone, adapt
 from difffeat.models.common import resolve_indices
-from difffeat.models.schedule import DDPMSchedule, LogLinearSchedule, per_sample_randn
-from difffeat.models.vae import LatentEncoder, images_to_tensor
 from difffeat.utils.runtime import autocast, to_device
 
 IMAGE_POOLS = ("mean", "none")
 TEXT_POOLS = ("mean", "last", "none")
 CAPTION_REDUCTIONS = ("mean", "first", "concat")
 
-Features = dict[tuple[int, int], torch.Tensor]
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each transformer block in place. The blocks share one code object, so one compiled
-    graph serves them all, and the early-exit loop and the embeddings stay eager (nothing to recompile when
-    another block is the deepest one asked for)."""
-    for block in model.blocks:
-        block.compile()
+FeatureDict = dict[tuple[int, float], torch.Tensor]  # {(block, t): features}
 
 
 def _forward(fn: Callable[..., dict[int, torch.Tensor]], compiled: bool, *args, **kwargs) -> dict[int, torch.Tensor]:
@@ -70,48 +68,159 @@ def _keys(ids: Sequence[str | int] | None, n: int) -> list[str | int]:
     return list(ids)
 
 
-def _groups(steps: Sequence[int], ensemble: int, fuse: bool) -> list[list[tuple[int, int]]]:
+def _groups(steps: Sequence[float], ensemble: int, fuse: bool) -> list[list[tuple[float, int]]]:
     """The (step, draw) pairs that share a forward: all of them when fused, else one each."""
     runs = [(s, draw) for s in steps for draw in range(ensemble)]
     return [runs] if fuse else [[r] for r in runs]
 
 
-def _accumulate(out: Features, key: tuple[int, int], draw: int, f: torch.Tensor) -> None:
+def _accumulate(out: FeatureDict, key: tuple[int, float], draw: int, f: torch.Tensor) -> None:
     out[key] = out[key] + f if draw else f
 
 
-class ImageFeatureExtractor:
-    """Pooled block outputs of a DiT for images noised to DDPM timesteps.
+def _pool(tokens: torch.Tensor, mask: torch.Tensor | None, pool: str) -> torch.Tensor:
+    """Mean over the tokens (the real ones where ``mask`` says which), the last real token, or all of them."""
+    if pool == "none":
+        return tokens if mask is None else tokens * mask[..., None]
+    if mask is None:
+        return tokens.mean(dim=1) if pool == "mean" else tokens[:, -1]
+    if pool == "last":
+        last = mask.long().sum(dim=1).clamp(min=1) - 1
+        return tokens[torch.arange(len(tokens), device=tokens.device), last]
+    m = mask[..., None].float()
+    return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
-    ``vae`` is a diffusers ``AutoencoderKL`` (latent DiTs) or None (pixel-space DiTs: the image itself, in
-    [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the DiT blocks in ``torch.compile``.
-    """
 
-    def __init__(
-        self, dit, vae=None, image_size: int | None = None, sample_posterior: bool = True, compile: bool = False
-    ):
-        self.dit = dit.eval()
-        self.encoder = LatentEncoder(vae, sample=sample_posterior) if vae is not None else None
-        patch_px = 8 if vae is not None else 1
-        self.image_size = image_size or dit.config.input_size * patch_px
-        self.schedule = DDPMSchedule()
+def _check(pool: str, pools: tuple[str, ...], ensemble: int) -> None:
+    if pool not in pools:
+        raise ValueError(f"pool {pool!r} is not one of {pools}")
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How one call reads its features (the same for every forward of the call)."""
+
+    pool: str
+    token_norm: bool
+    seed: int
+    ensemble: int
+    bf16: bool
+    fuse_timesteps: bool
+
+
+class _Extractor:
+    """What the image and text extractors share: the adapter, compilation, and the noised truncated forwards."""
+
+    def __init__(self, backbone: Any, compile: bool) -> None:
+        self.backbone = backbone
         self.compiled = compile
         if compile:
-            compile_blocks(self.dit)
+            backbone.compile_blocks()
 
     @property
     def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+        return self.backbone.device
+
+    @property
+    def depth(self) -> int:
+        return self.backbone.depth
+
+    def _request(self, blocks: Sequence[int], timesteps: Sequence[float]) -> tuple[list[int], list[float]]:
+        """Blocks as sorted 0-based indices, times checked in the backbone's own convention."""
+        return resolve_indices(blocks, self.depth), [self.backbone.time.check(t) for t in timesteps]
+
+    def _extract(
+        self,
+        x0: Clean,
+        keys: list[str | int],
+        cond: dict[str, torch.Tensor],
+        times: list[float],
+        blocks: list[int],
+        run: _Run,
+    ) -> FeatureDict:
+        """Ensemble-averaged pooled features for every (block, t), on the device."""
+        out: FeatureDict = {}
+        for group in _groups(times, run.ensemble, run.fuse_timesteps):
+            for b, t, draw, f in self._forward_group(x0, keys, cond, group, blocks, run):
+                _accumulate(out, (b, t), draw, f)
+        return {bt: f / run.ensemble for bt, f in out.items()}
+
+    def _forward_group(
+        self,
+        x0: Clean,
+        keys: list[str | int],
+        cond: dict[str, torch.Tensor],
+        group: list[tuple[float, int]],
+        blocks: list[int],
+        run: _Run,
+    ) -> Iterator[tuple[int, float, int, torch.Tensor]]:
+        """One truncated forward over x0 noised for every (t, draw) of ``group``; yields (block, t, draw, feature).
+
+        Each copy is noised on its own (the same x_t as in an unfused call); the copies are stacked on the batch
+        axis with their own t (and their rows' conditioning and mask), and the pooled outputs split back.
+        """
+        bb, n, k, dev = self.backbone, len(x0), len(group), self.device
+        xt = to_device(torch.cat([bb.noise(x0, t, keys, run.seed, d) for t, d in group]), dev)
+        tt = to_device(torch.cat([bb.model_time(t, n) for t, _ in group]), dev)
+        mask = None if x0.mask is None else to_device(x0.mask, dev).repeat(k, 1)
+        rows = {name: c.repeat(k, *([1] * (c.dim() - 1))) for name, c in cond.items()}
+        with autocast(dev, run.bf16):
+            feats = _forward(bb.forward_intermediates, self.compiled, xt, tt, blocks, mask=mask, **rows)
+        for b, tokens in feats.items():
+            pooled = _pool(_normalise_tokens(tokens, run.token_norm), mask, run.pool)
+            for (t, draw), f in zip(group, pooled.split(n), strict=True):
+                yield b, t, draw, f
+
+
+class ImageFeatureExtractor(_Extractor):
+    """Pooled block outputs of an image diffusion transformer for images noised to times in its own convention.
+
+    ``backbone`` is an image adapter (``models.base.ImageBackbone``) or a bare model its registered family wraps;
+    for a bare model, ``vae`` is a diffusers ``AutoencoderKL`` (latent models) or None (pixel-space models: the
+    image itself, in [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the blocks in
+    ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        backbone: ImageBackbone | nn.Module,
+        vae=None,
+        image_size: int | None = None,
+        sample_posterior: bool = True,
+        compile: bool = False,
+    ):
+        if isinstance(backbone, nn.Module):
+            backbone = adapt(backbone, vae=vae, image_size=image_size, sample_posterior=sample_posterior)
+        super().__init__(backbone, compile)
+
+    @property
+    def dit(self) -> nn.Module:
+        """The wrapped model (named for the DiT, which the pipeline and the tests read it as)."""
+        return self.backbone.module
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @property
+    def encoder(self):
+        """The VAE encoder (``models.vae.LatentEncoder``), or None when pixels are the model input."""
+        return self.backbone.encoder
+
+    @encoder.setter
+    def encoder(self, encoder) -> None:
+        self.backbone.encoder = encoder
 
     @torch.inference_mode()
     def encode(
         self, images, ids: Sequence[str | int] | None = None, seed: int = 0, keep_on_device: bool = False
     ) -> torch.Tensor:
         """Images (PIL list / uint8 / float in [-1, 1]) -> ``x0`` (VAE latents, or pixels), float32."""
-        pixels = images_to_tensor(images, self.image_size)
-        if self.encoder is None:
-            return pixels
-        return _output(self.encoder.encode(pixels, _keys(ids, len(pixels)), seed), keep_on_device)
+        n = len(images)
+        x0 = self.backbone.encode(images, _keys(ids, n), seed).x
+        return x0 if self.encoder is None else _output(x0, keep_on_device)
 
     @torch.inference_mode()
     def __call__(
@@ -120,7 +229,7 @@ class ImageFeatureExtractor:
         *,
         latents: torch.Tensor | None = None,
         blocks: Sequence[int] = (-1,),
-        timesteps: Sequence[int] = (0,),
+        timesteps: Sequence[float] = (0,),
         pool: str = "mean",
         token_norm: bool = False,
         seed: int = 0,
@@ -130,86 +239,62 @@ class ImageFeatureExtractor:
         bf16: bool = False,
         fuse_timesteps: bool = False,
         keep_on_device: bool = False,
-    ) -> Features:
+    ) -> FeatureDict:
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images or latents=")
-        if pool not in IMAGE_POOLS:
-            raise ValueError(f"pool {pool!r} is not one of {IMAGE_POOLS}")
-        if ensemble < 1:
-            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-        blocks = resolve_indices(blocks, self.dit.depth)
-        timesteps = [self.schedule.check_timestep(t) for t in timesteps]
-        dev = self.device
+        _check(pool, IMAGE_POOLS, ensemble)
+        blocks, times = self._request(blocks, timesteps)
         x0 = self.encode(images, ids, seed, keep_on_device=True) if latents is None else latents
-        x0 = to_device(x0.float(), dev)
+        x0 = Clean(to_device(x0.float(), self.device))
         keys = _keys(ids, len(x0))
-        label = self.dit.null_class if class_label is None else class_label
-        y = torch.full((len(x0),), label, dtype=torch.long, device=dev)
-        out: Features = {}
-        for group in _groups(timesteps, ensemble, fuse_timesteps):
-            for b, t, draw, f in self._forward_group(x0, keys, y, group, blocks, pool, token_norm, seed, bf16):
-                _accumulate(out, (b, t), draw, f)
-        return {bt: _output(f / ensemble, keep_on_device) for bt, f in out.items()}
-
-    def _forward_group(
-        self,
-        x0: torch.Tensor,
-        keys: list[str | int],
-        y: torch.Tensor,
-        group: list[tuple[int, int]],
-        blocks: list[int],
-        pool: str,
-        token_norm: bool,
-        seed: int,
-        bf16: bool,
-    ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-        """One truncated forward over x0 noised for every (t, draw) of ``group``; yields (block, t, draw, feature).
-
-        Each copy is noised on its own (the same x_t as in an unfused call); the copies are stacked on the batch
-        axis with their own t, and the pooled outputs split back.
-        """
-        n, dev = len(x0), x0.device
-        noise = to_device(torch.cat([per_sample_randn(x0.shape[1:], keys, seed, t, d) for t, d in group]), dev)
-        xt = torch.cat([self.schedule.q_sample(x0, t, e) for (t, _), e in zip(group, noise.split(n), strict=True)])
-        tt = torch.tensor([t for t, _ in group], device=dev).repeat_interleave(n)
-        with autocast(dev, bf16):
-            feats = _forward(self.dit.forward_intermediates, self.compiled, xt, tt, y.repeat(len(group)), blocks)
-        for b, tokens in feats.items():
-            tokens = _normalise_tokens(tokens, token_norm)
-            pooled = tokens.mean(dim=1) if pool == "mean" else tokens
-            for (t, draw), f in zip(group, pooled.split(n), strict=True):
-                yield b, t, draw, f
+        cond = self.backbone.condition(len(x0), label=class_label)
+        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps)
+        out = self._extract(x0, keys, cond, times, blocks, run)
+        return {bt: _output(f, keep_on_device) for bt, f in out.items()}
 
 
-class TextFeatureExtractor:
-    """Pooled block outputs of a text diffusion transformer (DDiT) for captions corrupted to a noise step.
+class TextFeatureExtractor(_Extractor):
+    """Pooled block outputs of a text diffusion transformer for captions corrupted to a noise step.
 
-    Steps are integers 0..1000 (t = step / 1000, sigma = -log(1 - (1 - eps) t)); step 0 is the clean caption
-    with sigma = 0. Several captions per sample are reduced by ``caption_reduce``: ``"mean"`` averages the
-    per-caption features (every caption counts, none is favoured), ``"first"`` keeps the first caption,
-    ``"concat"`` joins them into one sequence (truncated at the model's length).
+    ``backbone`` is a text adapter (``models.base.TextBackbone``) or a bare model its registered family wraps,
+    with ``tokenizer`` and ``max_length``. For the DDiT (SEDD/MDLM), steps are integers 0..1000
+    (t = step / 1000, sigma = -log(1 - (1 - eps) t)); step 0 is the clean caption with sigma = 0. Several
+    captions per sample are reduced by ``caption_reduce``: ``"mean"`` averages the per-caption features (every
+    caption counts, none is favoured), ``"first"`` keeps the first caption, ``"concat"`` joins them into one
+    sequence (truncated at the model's length).
     """
 
     def __init__(
         self,
-        ddit,
-        tokenizer,
+        backbone: TextBackbone | nn.Module,
+        tokenizer=None,
         max_length: int | None = None,
         compile: bool = False,
     ):
-        self.ddit = ddit.eval()
-        self.tokenizer = tokenizer
-        self.max_length = min(max_length or ddit.max_length, ddit.max_length)
-        self.schedule = LogLinearSchedule()
-        self.num_truncated = 0  # captions truncated so far (reported by the pipeline)
-        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compiled = compile
-        if compile:
-            compile_blocks(self.ddit)
+        if isinstance(backbone, nn.Module):
+            backbone = adapt(backbone, tokenizer=tokenizer, max_length=max_length)
+        super().__init__(backbone, compile)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.ddit.parameters()).device
+    def ddit(self) -> nn.Module:
+        """The wrapped model (named for the DDiT, which the pipeline and the tests read it as)."""
+        return self.backbone.module
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return self.backbone.max_length
+
+    @property
+    def num_truncated(self) -> int:
+        """Captions truncated so far (reported by the pipeline)."""
+        return self.backbone.num_truncated
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.tokenize(texts)
 
     def _texts(self, captions, keys, caption_reduce: str) -> tuple[list[str], list[str | int], list[int]]:
         """Flatten to one text per forward row, its noise key, and the sample each row belongs to."""
@@ -228,23 +313,13 @@ class TextFeatureExtractor:
                 owner.append(i)
         return texts, row_keys, owner
 
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
-        it extracts, so each caption is tokenized, and its truncation counted, once."""
-        key = tuple(texts)
-        if key not in self._tokens:
-            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length)
-            self.num_truncated += int(n_trunc)
-            self._tokens[key] = (ids, mask.bool())
-        return self._tokens[key]
-
     @torch.inference_mode()
     def __call__(
         self,
         captions: Sequence[str | Sequence[str]],
         *,
         blocks: Sequence[int] = (-1,),
-        timesteps: Sequence[int] = (0,),
+        timesteps: Sequence[float] = (0,),
         pool: str = "mean",
         token_norm: bool = False,
         seed: int = 0,
@@ -254,63 +329,20 @@ class TextFeatureExtractor:
         bf16: bool = False,
         fuse_timesteps: bool = False,
         keep_on_device: bool = False,
-    ) -> Features:
-        if pool not in TEXT_POOLS:
-            raise ValueError(f"pool {pool!r} is not one of {TEXT_POOLS}")
+    ) -> FeatureDict:
+        _check(pool, TEXT_POOLS, ensemble)
         if caption_reduce not in CAPTION_REDUCTIONS:
             raise ValueError(f"caption_reduce {caption_reduce!r} is not one of {CAPTION_REDUCTIONS}")
         if pool == "none" and caption_reduce == "mean":
             raise ValueError('pool="none" returns tokens per caption: use caption_reduce="first" or "concat"')
-        blocks = resolve_indices(blocks, self.ddit.depth)
-        steps = [self.schedule.check_step(s) for s in timesteps]
+        blocks, times = self._request(blocks, timesteps)
         keys = _keys(ids, len(captions))
         texts, row_keys, owner = self._texts(captions, keys, caption_reduce)
-        tok, mask = self.tokenize(texts)
-        out: Features = {}
-        for group in _groups(steps, ensemble, fuse_timesteps):
-            for b, s, draw, f in self._forward_group(tok, mask, row_keys, group, blocks, pool, token_norm, seed, bf16):
-                _accumulate(out, (b, s), draw, f)
-        return {bs: _output(self._reduce(f / ensemble, owner, len(keys)), keep_on_device) for bs, f in out.items()}
-
-    def _forward_group(
-        self,
-        tok: torch.Tensor,
-        mask: torch.Tensor,
-        row_keys: list[str],
-        group: list[tuple[int, int]],
-        blocks: list[int],
-        pool: str,
-        token_norm: bool,
-        seed: int,
-        bf16: bool,
-    ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-        """One forward over the captions corrupted for every (step, draw) of ``group``, stacked with their own
-        sigma; yields (block, step, draw, pooled rows). Corruption runs on the CPU ids (per-caption seeded
-        draws), so the device gets one copy and no per-caption indexing."""
-        n, dev = len(tok), self.device
-        mask_index = self.ddit.mask_index
-        noisy = torch.cat([self.schedule.corrupt(tok, mask, row_keys, s, mask_index, seed, d) for s, d in group])
-        sigma = torch.cat([self.schedule.sigma(self.schedule.t_of_step(s)).float().expand(n) for s, _ in group])
-        mask_dev = to_device(mask, dev).repeat(len(group), 1)
-        with autocast(dev, bf16):
-            feats = _forward(
-                self.ddit.forward_intermediates, self.compiled, to_device(noisy, dev), to_device(sigma, dev), blocks,
-                attention_mask=mask_dev,
-            )  # fmt: skip
-        for b, tokens in feats.items():
-            pooled = self._pool(_normalise_tokens(tokens, token_norm), mask_dev, pool)
-            for (s, draw), f in zip(group, pooled.split(n), strict=True):
-                yield b, s, draw, f
-
-    @staticmethod
-    def _pool(tokens: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
-        if pool == "none":
-            return tokens * mask[..., None]
-        if pool == "last":
-            last = mask.long().sum(dim=1).clamp(min=1) - 1
-            return tokens[torch.arange(len(tokens), device=tokens.device), last]
-        m = mask[..., None].float()
-        return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        x0 = self.backbone.encode(texts, row_keys, seed)
+        cond = self.backbone.condition(len(texts))
+        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps)
+        out = self._extract(x0, row_keys, cond, times, blocks, run)
+        return {bs: _output(self._reduce(f, owner, len(keys)), keep_on_device) for bs, f in out.items()}
 
     @staticmethod
     def _reduce(rows: torch.Tensor, owner: list[int], n: int) -> torch.Tensor:

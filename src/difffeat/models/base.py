@@ -155,6 +155,26 @@ class Backbone(Protocol):
     def compile_blocks(self) -> None: ...
 
 
+@runtime_checkable
+class ImageBackbone(Backbone, Protocol):
+    """An image family also says what pixel side it reads and which VAE encoder (None: pixels are ``x0``), so
+    the latent cache can decode images once at that size and key the cache by the posterior choice."""
+
+    image_size: int
+    encoder: Any  # models.vae.LatentEncoder | None
+
+
+@runtime_checkable
+class TextBackbone(Backbone, Protocol):
+    """A text family tokenizes with the special tokens its model saw in training and counts what it truncated."""
+
+    tokenizer: Any  # models.tokenizers.TextTokenizer
+    max_length: int
+    num_truncated: int
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def describe(backbone: Backbone) -> Layers:
     return Layers(backbone.family, backbone.modality, backbone.time, tuple(backbone.layers()))
 

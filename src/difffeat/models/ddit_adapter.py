@@ -1,0 +1,136 @@
+"""The SEDD/MDLM family (DDiT) as a backbone adapter: captions -> token ids with the model's special tokens,
+absorbing-state masking at a noise step, no conditioning beyond the noise level.
+
+Everything numerical is the DDiT's own code (``models.ddit``, ``models.schedule``, ``models.tokenizers``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difffeat.models.base import MASKED, Clean, Layer, hub_id_mentions
+from difffeat.models.ddit import DDiT, load_ddit
+from difffeat.models.schedule import LogLinearSchedule
+from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def default_tokenizer(source: str) -> str:
+    """Our own models keep ``tokenizer.json`` next to the weights; SEDD and MDLM use GPT-2's tokenizer."""
+    path = Path(source)
+    return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "gpt2"
+
+
+class DDiTAdapter:
+    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer. Captions longer than ``max_length``
+    (at most the model's trained length) are truncated and counted in ``num_truncated``."""
+
+    family = "ddit"
+    modality = "text"
+    time = MASKED
+
+    def __init__(self, model: DDiT, tokenizer: TextTokenizer, *, max_length: int | None = None):
+        self.module = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = min(max_length or model.max_length, model.max_length)
+        self.schedule = LogLinearSchedule()
+        self.num_truncated = 0
+        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        return isinstance(model, DDiT)
+
+    @classmethod
+    def recognises(cls, source: str) -> bool:
+        """A checkpoint file, our folder (``architecture: ddit``), an MDLM or SEDD hub folder, or a hub id
+        naming SEDD or MDLM."""
+        path = Path(source)
+        if path.is_file():
+            return path.suffix in _WEIGHT_SUFFIXES
+        if (path / "config.json").is_file():
+            cfg = json.loads((path / "config.json").read_text())
+            return cfg.get("architecture") == "ddit" or cfg.get("model_type") == "mdlm" or "tokens" in cfg
+        return hub_id_mentions(source, "sedd", "mdlm")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        tokenizer: str | TextTokenizer | None = None,
+        add_special: str | None = None,
+        max_length: int | None = None,
+    ) -> DDiTAdapter:
+        """``tokenizer`` defaults to ``tokenizer.json`` beside our own models, else GPT-2's; its special tokens
+        default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS)."""
+        model = load_ddit(source)
+        if not isinstance(tokenizer, TextTokenizer):
+            tokenizer = load_tokenizer(
+                tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind
+            )
+        return cls(model, tokenizer, max_length=max_length)
+
+    # ---- the five questions ------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.module.depth
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: torch.device | str) -> DDiTAdapter:
+        self.module.to(device)
+        return self
+
+    def layers(self) -> list[Layer]:
+        return [Layer(i, f"blocks.{i}", self.module.hidden_size) for i in range(self.depth)]
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
+        it extracts, so each caption is tokenized, and its truncation counted, once."""
+        key = tuple(texts)
+        if key not in self._tokens:
+            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length)
+            self.num_truncated += int(n_trunc)
+            self._tokens[key] = (ids, mask.bool())
+        return self._tokens[key]
+
+    def encode(self, inputs: Sequence[str], keys: Sequence[str | int], seed: int) -> Clean:
+        return Clean(*self.tokenize(list(inputs)))
+
+    def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
+        """Absorbing-state corruption at step ``t``, on the CPU ids (per-caption seeded draws), so the device
+        gets one copy and no per-caption indexing."""
+        return self.schedule.corrupt(x0.x, x0.mask, keys, int(t), self.module.mask_index, seed, draw)
+
+    def model_time(self, t: float, n: int) -> torch.Tensor:
+        """sigma(step / 1000), the noise level the DDiT's sigma embedding reads (CPU)."""
+        return self.schedule.sigma(self.schedule.t_of_step(int(t))).float().expand(n)
+
+    def condition(
+        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Nothing: SEDD and MDLM are unconditional (the captions are the input, not a condition)."""
+        if label is not None or captions is not None:
+            raise ValueError("a DDiT (SEDD/MDLM) takes no class label or caption condition")
+        return {}
+
+    def forward_intermediates(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    ) -> dict[int, torch.Tensor]:
+        return self.module.forward_intermediates(x, t, blocks, attention_mask=mask)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block in place (one shared graph; the early-exit loop stays eager)."""
+        for block in self.module.blocks:
+            block.compile()

@@ -1,0 +1,148 @@
+"""The DiT family as a backbone adapter: images -> SD-VAE latents (or pixels), DDPM noising, the null class.
+
+Everything numerical is DiT's own code (``models.dit``, ``models.schedule``, ``models.vae``); this class only
+says in what order it is called, so the extractors need not know they are reading a DiT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difffeat.models.base import DDPM, Clean, Layer, hub_id_mentions
+from difffeat.models.dit import DiT, load_dit
+from difffeat.models.schedule import DDPMSchedule, per_sample_randn
+from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_DIFFUSERS_CLASS = "DiTTransformer2DModel"
+
+
+def _vae_downsampling(vae: Any) -> int:
+    """Pixels per latent cell: AutoencoderKL halves the side once per down block after the first (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class DiTAdapter:
+    """A loaded :class:`~difffeat.models.dit.DiT` with its VAE (None for pixel-space DiTs, whose ``x0`` is the
+    image in [-1, 1] at the model's input size)."""
+
+    family = "dit"
+    modality = "image"
+    time = DDPM
+
+    def __init__(self, model: DiT, vae: Any = None, *, image_size: int | None = None, sample_posterior: bool = True):
+        self.module = model.eval()
+        self.encoder = LatentEncoder(vae, sample=sample_posterior) if vae is not None else None
+        per_cell = _vae_downsampling(vae) if vae is not None else 1
+        self.image_size = image_size or model.config.input_size * per_cell
+        self.schedule = DDPMSchedule()
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        return isinstance(model, DiT)
+
+    @classmethod
+    def recognises(cls, source: str) -> bool:
+        """An official checkpoint file, our folder (``architecture: dit``), a diffusers DiT transformer or
+        pipeline folder, or a hub id naming a DiT."""
+        path = Path(source)
+        if path.is_file():
+            return path.suffix in _WEIGHT_SUFFIXES
+        for config in (path / "config.json", path / "transformer" / "config.json"):
+            if config.is_file():
+                cfg = json.loads(config.read_text())
+                return cfg.get("architecture") == "dit" or cfg.get("_class_name") == _DIFFUSERS_CLASS
+        return hub_id_mentions(source, "dit")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        vae: str | nn.Module | None = None,
+        numerics: str | None = None,
+        image_size: int | None = None,
+        sample_posterior: bool = True,
+    ) -> DiTAdapter:
+        """``vae``: a diffusers ``AutoencoderKL`` (module, folder or hub id); by default the pipeline's own
+        ``vae/`` for a diffusers pipeline folder or hub id, none for a pixel-space DiT (3 input channels)."""
+        model = load_dit(source, numerics=numerics)
+        if isinstance(vae, str | Path):
+            vae = load_vae(vae)
+        elif vae is None and model.config.in_channels != 3:
+            vae = _pipeline_vae(source, model.config.in_channels)
+        return cls(model, vae, image_size=image_size, sample_posterior=sample_posterior)
+
+    # ---- the five questions ------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.module.depth
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: torch.device | str) -> DiTAdapter:
+        self.module.to(device)
+        if self.encoder is not None:
+            self.encoder.vae.to(device)
+        return self
+
+    def layers(self) -> list[Layer]:
+        return [Layer(i, f"blocks.{i}", self.module.hidden_size) for i in range(self.depth)]
+
+    def encode(self, inputs: Any, keys: Sequence[str | int], seed: int) -> Clean:
+        """Images (PIL list / uint8 / float in [-1, 1]) -> VAE latents ``latent_dist.sample() * scale`` with
+        per-sample seeded posterior noise, or the preprocessed pixels."""
+        pixels = images_to_tensor(inputs, self.image_size)
+        return Clean(pixels if self.encoder is None else self.encoder.encode(pixels, keys, seed))
+
+    def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
+        """``q_sample`` at DDPM index ``t`` (float64 coefficients cast to float32, as DiT's diffusion code)."""
+        eps = per_sample_randn(x0.x.shape[1:], keys, seed, t, draw)
+        return self.schedule.q_sample(x0.x, int(t), eps)
+
+    def model_time(self, t: float, n: int) -> torch.Tensor:
+        return torch.full((n,), int(t), dtype=torch.long, device=self.device)
+
+    def condition(
+        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The class label for every row; by default the null class (the unconditional branch)."""
+        if captions is not None:
+            raise ValueError("a DiT is conditioned on a class label, not on captions")
+        label = self.module.null_class if label is None else label
+        if label is None:
+            raise ValueError("this DiT was trained without a null class: pass class_label=")
+        return {"y": torch.full((n,), label, dtype=torch.long, device=self.device)}
+
+    def forward_intermediates(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    ) -> dict[int, torch.Tensor]:
+        return self.module.forward_intermediates(x, t, cond["y"], blocks)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block in place: they share one code object, so one graph serves them all, and
+        the early-exit loop stays eager (nothing recompiles when another block is the deepest asked for)."""
+        for block in self.module.blocks:
+            block.compile()
+
+
+def _pipeline_vae(source: str, channels: int) -> Any:
+    """The ``vae/`` of a diffusers pipeline (folder or hub id), or an error saying a latent DiT needs one."""
+    path = Path(source)
+    if (path / "vae" / "config.json").is_file():
+        return load_vae(path)
+    if not path.exists() and hub_id_mentions(source, ""):
+        return load_vae(source, subfolder="vae")
+    raise ValueError(
+        f"{source}: this DiT reads {channels}-channel latents, so it needs its VAE: pass vae= (a diffusers "
+        "AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
+    )
