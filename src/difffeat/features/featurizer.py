@@ -1,0 +1,235 @@
+"""The front door: features from a pretrained diffusion transformer in a few lines, in the spirit of timm's
+``forward_intermediates`` and DIFT's ``SDFeaturizer``::
+
+    f = ImageFeaturizer.from_pretrained("demo")           # an official .pt, a diffusers hub id/folder, our folder
+    feats = f(images, blocks=[-1], timesteps=[100])       # feats[(-1, 100)] and feats[(5, 100)] are the same
+    print(f.layers())                                     # blocks, names, widths, time range and convention
+
+A featurizer is an extractor (``features.extract``) around a family's adapter (``models.base``), with the
+adapter's VAE / tokenizer, its device, and results keyed the way they were asked for.
+
+Blocks are always a list. An int is refused rather than read: timm reads ``indices=3`` as "the last 3 blocks",
+block 3 would be the other natural reading, and we never silently pick one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from difffeat.features.extract import FeatureDict, ImageFeatureExtractor, TextFeatureExtractor
+from difffeat.models.base import Backbone, Layers, TimeConvention, describe, load_backbone
+from difffeat.models.common import resolve_indices
+from difffeat.utils.runtime import resolve_device
+
+# The tiny models trained on the embedded demo data (``difffeat demo`` runs them); ``from_pretrained("demo")``.
+DEMO_MODELS = {
+    "image": Path(__file__).parents[1] / "assets" / "zoo" / "demo-dit",
+    "text": Path(__file__).parents[1] / "assets" / "zoo" / "demo-ddit",
+}
+
+Key = tuple[int, float]
+
+
+class Features(Mapping[Key, torch.Tensor]):
+    """``{(block, t): Tensor[N, D]}`` that iterates over the keys as they were asked for and also finds a feature
+    by its normalised key: with 12 blocks, ``feats[(-1, 0)]`` and ``feats[(11, 0)]`` are the same tensor."""
+
+    def __init__(self, by_index: FeatureDict, asked: list[Key], depth: int, time: TimeConvention) -> None:
+        self._by_index = by_index
+        self._asked = asked
+        self.depth = depth
+        self.time = time
+
+    def _index(self, key: object) -> Key:
+        """The normalised (0-based block, checked time) of ``key``; KeyError for anything that is not one."""
+        try:
+            block, t = key  # type: ignore[misc]
+            return resolve_indices([block], self.depth)[0], self.time.check(t)
+        except (TypeError, ValueError) as exc:
+            raise KeyError(key) from exc
+
+    def __getitem__(self, key: object) -> torch.Tensor:
+        index = self._index(key)
+        if index not in self._by_index:
+            raise KeyError(key)
+        return self._by_index[index]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._asked)
+
+    def __len__(self) -> int:
+        return len(self._asked)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(self[k].shape)}" for k in self._asked)
+        return f"Features({shapes})"
+
+
+def _asked_keys(blocks: Sequence[int], timesteps: Sequence[float]) -> list[Key]:
+    """The (block, t) pairs in the order asked, or one clear error for an int block count or a bare time."""
+    if isinstance(blocks, int):
+        raise ValueError(
+            f"blocks={blocks} is ambiguous (timm reads an int as 'the last {blocks} blocks'): pass a list, "
+            f"blocks=[{blocks}] for block {blocks} (0-based) or blocks=list(range(-{blocks}, 0)) for the last {blocks}"
+        )
+    if isinstance(timesteps, int | float):
+        raise ValueError(f"timesteps must be a list, e.g. timesteps=[{timesteps}]")
+    if not blocks or not timesteps:
+        raise ValueError("ask for at least one block and one timestep")
+    return list(dict.fromkeys((b, t) for b in blocks for t in timesteps))
+
+
+class _Featurizer:
+    """What both modalities share: loading, device, ``layers()`` and the keyed result."""
+
+    modality: ClassVar[str]
+
+    def __init__(self, extractor: ImageFeatureExtractor | TextFeatureExtractor, bf16: bool = False) -> None:
+        self.extractor = extractor
+        self.bf16 = bf16
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.extractor.backbone
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def to(self, device: torch.device | str) -> _Featurizer:
+        self.backbone.to(resolve_device(str(device)))
+        return self
+
+    def layers(self) -> Layers:
+        """Every block (0-based index, name, width), the family, and the time convention with its range."""
+        return describe(self.backbone)
+
+    @classmethod
+    def _load(cls, source: str | Path, backbone: str | None, device: str, options: dict[str, Any]) -> Backbone:
+        source = DEMO_MODELS[cls.modality] if str(source) == "demo" else source
+        return load_backbone(source, cls.modality, backbone, **options).to(resolve_device(device))
+
+    def _keyed(self, feats: FeatureDict, asked: list[Key]) -> Features:
+        return Features(feats, asked, self.backbone.depth, self.backbone.time)
+
+
+class ImageFeaturizer(_Featurizer):
+    """Pooled block outputs of an image diffusion transformer (see the module docstring)."""
+
+    modality = "image"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        vae: Any = None,
+        backbone: str | None = None,
+        device: str = "auto",
+        bf16: bool = False,
+        compile: bool = False,
+        **options: Any,
+    ) -> ImageFeaturizer:
+        """Load ``source``: ``"demo"``, an official checkpoint file, a diffusers folder or hub id, or our folder.
+
+        ``backbone`` names the family (``difffeat.models.base.families("image")``) when the source does not
+        tell. ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own.
+        ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
+        autocast. ``options`` go to the family's loader (DiT: ``numerics``, ``image_size``, ``sample_posterior``).
+        """
+        adapter = cls._load(source, backbone, device, {"vae": vae, **options})
+        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16)
+
+    def __call__(
+        self,
+        images: Any = None,
+        *,
+        blocks: Sequence[int],
+        timesteps: Sequence[float],
+        latents: torch.Tensor | None = None,
+        pool: str = "mean",
+        token_norm: bool = False,
+        seed: int = 0,
+        ids: Sequence[str | int] | None = None,
+        ensemble: int = 1,
+        class_label: int | None = None,
+    ) -> Features:
+        """Features of ``images`` (PIL list, uint8 [N, H, W, 3], or float [N, 3, S, S] in [-1, 1]) or of
+        precomputed ``latents``, for every asked block and time (in the backbone's convention, see
+        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions."""
+        asked = _asked_keys(blocks, timesteps)
+        feats = self.extractor(
+            images,
+            latents=latents,
+            blocks=list(blocks),
+            timesteps=list(timesteps),
+            pool=pool,
+            token_norm=token_norm,
+            seed=seed,
+            ids=ids,
+            ensemble=ensemble,
+            class_label=class_label,
+            bf16=self.bf16,
+        )
+        return self._keyed(feats, asked)
+
+
+class TextFeaturizer(_Featurizer):
+    """Pooled block outputs of a text diffusion transformer (see the module docstring)."""
+
+    modality = "text"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        tokenizer: Any = None,
+        backbone: str | None = None,
+        device: str = "auto",
+        bf16: bool = False,
+        compile: bool = False,
+        **options: Any,
+    ) -> TextFeaturizer:
+        """Load ``source``: ``"demo"``, a SEDD/MDLM hub id or folder, a checkpoint file, or our folder.
+
+        ``tokenizer`` (a ``tokenizer.json``, hub id or folder) defaults to the one beside our own models, else
+        GPT-2's, with the special tokens the model kind saw in training. ``options`` go to the family's loader
+        (DDiT: ``add_special``, ``max_length``). ``backbone``, ``device``, ``bf16``: as for images.
+        """
+        adapter = cls._load(source, backbone, device, {"tokenizer": tokenizer, **options})
+        return cls(TextFeatureExtractor(adapter, compile=compile), bf16=bf16)
+
+    def __call__(
+        self,
+        captions: Sequence[str | Sequence[str]],
+        *,
+        blocks: Sequence[int],
+        timesteps: Sequence[float],
+        pool: str = "mean",
+        token_norm: bool = False,
+        seed: int = 0,
+        ids: Sequence[str | int] | None = None,
+        ensemble: int = 1,
+        caption_reduce: str = "mean",
+    ) -> Features:
+        """Features of ``captions`` (one string, or several per sample reduced by ``caption_reduce``: "mean",
+        "first" or "concat") for every asked block and noise step (see ``layers()``)."""
+        asked = _asked_keys(blocks, timesteps)
+        feats = self.extractor(
+            captions,
+            blocks=list(blocks),
+            timesteps=list(timesteps),
+            pool=pool,
+            token_norm=token_norm,
+            seed=seed,
+            ids=ids,
+            ensemble=ensemble,
+            caption_reduce=caption_reduce,
+            bf16=self.bf16,
+        )
+        return self._keyed(feats, asked)
