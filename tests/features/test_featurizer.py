@@ -75,7 +75,7 @@ def test_features_are_keyed_as_asked_and_by_normalised_index(image_f):
     assert isinstance(feats, Features)
     assert list(feats) == [(-1, 0), (-1, 100), (1, 0), (1, 100)]
     assert feats[(3, 100)] is feats[(-1, 100)]
-    assert feats[(1, 100.0)] is feats[(1, 100)]
+    assert feats[(1, 100.0)] is feats[(1, 100)] is feats[(np.int64(1), np.int64(100))]
     assert feats[(-1, 0)].shape == (2, 32)
     assert (2, 0) not in feats and (9, 0) not in feats and "x" not in feats
     with pytest.raises(KeyError):

@@ -25,6 +25,7 @@ family; an adapter only says how its model is fed and where its blocks are.
 from __future__ import annotations
 
 import importlib
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class TimeConvention:
 
     def check(self, t: float) -> float | int:
         """``t`` as this convention's type, or a ValueError naming the range."""
-        number = isinstance(t, int | float) and not isinstance(t, bool)
+        number = isinstance(t, numbers.Real) and not isinstance(t, bool)  # numpy scalars from grids included
         if not number or (self.integer and int(t) != t) or not self.low <= t <= self.high:
             kind = "an integer" if self.integer else "a number"
             raise ValueError(f"time {t!r} is out of range: expected {kind} {self.range} ({self.name}: {self.doc})")
