@@ -223,7 +223,7 @@ class DiffusersBackbone:
         cond = cond or self.condition(n)
         dtype = next(self.transformer.parameters()).dtype
         x = x.to(dtype)
-        cond = {k: v.to(x.device, dtype) if v.is_floating_point() else v.to(x.device) for k, v in cond.items()}
+        cond = {k: _to(v, x.device, dtype) for k, v in cond.items()}
         times = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(n)
         if self.time is FLOW:
             sigma = torch.tensor([self.sigma(float(v), x) for v in times])
@@ -272,6 +272,13 @@ class DiffusersBackbone:
         if text is None:  # SD3's last block updates only the image tokens (context_pre_only)
             raise ValueError(f"block {index} ({self._blocks[index][0]}) outputs no text tokens; ask an earlier block")
         return text if self.stream == "text" else torch.cat([text, image], dim=1)
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Floating tensors to the model's device and dtype, other tensors to its device; anything else as given."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def _list(module: nn.Module, attr: str) -> nn.ModuleList:
