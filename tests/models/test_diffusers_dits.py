@@ -136,7 +136,7 @@ def sd3(roots):
 
 def sd3_reference(roots, backbone, x, t: float):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(roots["sd3"]), subfolder="scheduler")
-    index = int(round((1 - t) * 1000))  # scheduler.timesteps run from t = 1 (index 0) down to t = 0.001
+    index = round((1 - t) * 1000)  # scheduler.timesteps run from t = 1 (index 0) down to t = 0.001
     sigma = scheduler.sigmas[index]
     cond = {
         k: v.expand(2, *v.shape[1:]) for k, v in empty_prompt(StableDiffusion3Pipeline, roots["sd3"], "sd3").items()
