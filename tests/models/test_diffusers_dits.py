@@ -21,6 +21,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tests.models import tiny_pipelines
 
 from difffeat.models.common import CheckpointError
+from difffeat.models.describe import describe_source
 from difffeat.models.diffusers_dits import load_diffusers_backbone, sniff_family
 
 TEXT_LEN = 16  # max_sequence_length for the T5 prompt: short keeps the tiny models fast
@@ -261,3 +262,14 @@ def test_family_is_sniffed_from_the_transformer_config_and_a_bad_root_is_named(r
     assert [sniff_family(roots[f]) for f in ("pixart", "sd3", "flux")] == ["pixart", "sd3", "flux"]
     with pytest.raises(CheckpointError, match=r"no transformer/config.json"):
         sniff_family(tmp_path)
+
+
+def test_layers_table_needs_only_the_configs(roots, tmp_path):
+    """The weights file is removed from a copy of the pipeline: the table is built from configs alone."""
+    import shutil
+
+    root = shutil.copytree(roots["flux"], tmp_path / "flux", ignore=shutil.ignore_patterns("*.safetensors"))
+    table = describe_source(root).splitlines()
+    assert table[0] == "flux: 4 blocks"
+    assert table[1].startswith("time: flow 0..1, clean = 0")
+    assert table[-2:] == ["    2  single_transformer_blocks.0      16", "    3  single_transformer_blocks.1      16"]

@@ -13,6 +13,7 @@ import torch
 from tests.helpers import randomise
 
 from difffeat.models.common import CheckpointError
+from difffeat.models.describe import describe_source
 from difffeat.models.dit import DiT, DiTConfig
 from difffeat.models.sit import SIT_FLOW, SiTBackbone, load_sit
 
@@ -177,3 +178,10 @@ def test_intermediates_equal_hooks_on_the_full_forward_and_later_blocks_never_ru
     for i in ours:
         torch.testing.assert_close(ours[i], hooked[i], rtol=0, atol=1e-6)
     assert [layer.name for layer in backbone.layers()] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_layers_table_of_a_sit_file_names_its_time_convention(sit_file):
+    table = describe_source(sit_file[0], "sit").splitlines()
+    assert table[0] == "sit: 3 blocks"
+    assert "clean = 1" in table[1] and "t = 0 pure noise" in table[1]
+    assert table[-1] == "    2  blocks.2                         384"
