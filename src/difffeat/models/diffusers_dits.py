@@ -1,0 +1,403 @@
+"""Today's text-to-image diffusion transformers, read through diffusers' own modules: PixArt-α/Σ, SD3/SD3.5
+(MMDiT), FLUX.1, and any other diffusers transformer with a ``transformer_blocks`` list.
+
+Why wrap and not rewrite: these models change between releases (qk-norm, dual attention, rotary ids, guidance
+embeddings); diffusers tracks them and its forward *is* the reference. We add three things around it:
+
+* **early exit** by forward hooks on the asked blocks: the deepest one raises :class:`_StopForward` once its output
+  is stored, so diffusers' untouched forward runs up to there and no later block ever runs;
+* **noising in the model's own convention** (:data:`FLOW` for SD3/FLUX with the scheduler's shift, DDPM indices
+  for PixArt), computed here from the scheduler config and checked against the scheduler's own
+  ``scale_noise`` / ``add_noise`` in the tests;
+* **conditioning**: the pipeline's own ``encode_prompt`` runs once for the empty prompt; the embedding is cached
+  and the text encoders (T5-XXL alone is ~9 GB in bf16) are freed unless ``condition="caption"`` keeps them.
+
+Block indices are 0-based over every block the model has, in execution order: FLUX's 19 double-stream blocks are
+0..18 and its 38 single-stream blocks 19..56, named ``transformer_blocks.i`` / ``single_transformer_blocks.j``.
+
+MMDiT and FLUX blocks carry text and image tokens side by side; ``stream`` picks the image tokens (default), the
+text tokens, or both (``[text; image]`` along the token axis, FLUX's own order) as the feature.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difffeat.models.base import DDPM, Layer, TimeConvention
+from difffeat.models.common import CheckpointError, resolve_indices
+from difffeat.models.schedule import per_sample_randn
+
+FLOW = TimeConvention(
+    "flow", 0.0, 1.0, 0.0, False,
+    "rectified-flow time t in [0, 1]: t = 0 clean, t = 1 pure noise; x_t = (1 - s) x0 + s eps with s the model's "
+    "shifted sigma(t) (shift from its scheduler config); the network is fed 1000 s",
+)  # fmt: skip
+STREAMS = ("image", "text", "both")
+CONDITIONS = ("null", "caption")
+
+
+class _StopForward(Exception):
+    """Raised from the deepest asked block's hook: the rest of diffusers' forward is skipped."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the diffusers transformers we read."""
+
+    name: str
+    transformer_class: str  # diffusers class name in transformer/config.json
+    pipeline_class: str | None  # whose encode_prompt makes the conditioning
+    block_lists: tuple[str, ...]  # attributes holding the blocks, in execution order
+    joint: bool  # blocks return (text tokens, image tokens)
+
+
+FAMILIES = {
+    "pixart": Family("pixart", "PixArtTransformer2DModel", "PixArtAlphaPipeline", ("transformer_blocks",), False),
+    "sd3": Family("sd3", "SD3Transformer2DModel", "StableDiffusion3Pipeline", ("transformer_blocks",), True),
+    "flux": Family(
+        "flux", "FluxTransformer2DModel", "FluxPipeline", ("transformer_blocks", "single_transformer_blocks"), True
+    ),
+    "generic": Family("generic", "", None, ("transformer_blocks",), False),
+}
+_BY_CLASS = {f.transformer_class: f.name for f in FAMILIES.values() if f.transformer_class}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedules from scheduler configs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flow_sigma(t: float, scheduler_config: dict, image_seq_len: int | None = None) -> float:
+    """The noise level s(t) the model sees at flow time t, as ``FlowMatchEulerDiscreteScheduler`` shifts it.
+
+    Static shift (SD3: 3.0): ``s = shift t / (1 + (shift - 1) t)``. Dynamic shift (FLUX.1-dev): ``mu`` grows
+    linearly with the number of image tokens between (base_seq_len, base_shift) and (max_seq_len, max_shift), as
+    the FLUX pipeline's ``calculate_shift``; then ``s = e^mu / (e^mu + 1/t - 1)``.
+    """
+    if t in (0.0, 1.0):
+        return float(t)
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        shift = scheduler_config.get("shift", 1.0)
+        return shift * t / (1 + (shift - 1) * t)
+    if image_seq_len is None:
+        raise ValueError("a dynamically shifted schedule needs the number of image tokens")
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) / (max_len - base_len) * (image_seq_len - base_len)
+    if scheduler_config.get("time_shift_type", "exponential") == "linear":
+        return mu / (mu + (1 / t - 1))
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def ddpm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """ᾱ of a DDPM-family scheduler config (PixArt's DPM-Solver/DDPM), float32 as diffusers builds it."""
+    steps = scheduler_config.get("num_train_timesteps", 1000)
+    start, end = scheduler_config.get("beta_start", 1e-4), scheduler_config.get("beta_end", 0.02)
+    kind = scheduler_config.get("beta_schedule", "linear")
+    if kind == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+    else:
+        raise CheckpointError(f"scheduler beta_schedule {kind!r} is not supported (expected linear or scaled_linear)")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiffusersBackbone:
+    """A diffusers transformer with early exit, its noise convention and its (cached) conditioning."""
+
+    modality = "image"
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family: str,
+        scheduler_config: dict,
+        *,
+        null_condition: dict[str, torch.Tensor] | None = None,
+        encode_caption: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
+        stream: str = "image",
+        guidance: float = 3.5,
+    ) -> None:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+        self.transformer = transformer
+        self.family = FAMILIES[family]
+        if stream != "image" and not self.family.joint:
+            raise ValueError(f"stream={stream!r} needs a joint text+image model (SD3, FLUX), not {family}")
+        self.scheduler_config = scheduler_config
+        self.null_condition = null_condition or {}
+        self.encode_caption = encode_caption
+        self.stream = stream
+        self.guidance = guidance
+        self.time: TimeConvention = FLOW if "FlowMatch" in scheduler_config.get("_class_name", "") else DDPM
+        self._blocks = [
+            (f"{attr}.{i}", b) for attr in self.family.block_lists for i, b in enumerate(_list(transformer, attr))
+        ]
+
+    @property
+    def depth(self) -> int:
+        return len(self._blocks)
+
+    def layers(self) -> list[Layer]:
+        width = _inner_dim(self.transformer)
+        return [Layer(i, name, width) for i, (name, _) in enumerate(self._blocks)]
+
+    # --- noise --------------------------------------------------------------------------------------------------
+
+    def noise(self, x0: torch.Tensor, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
+        """``x0`` noised to time ``t`` (this model's convention) with per-sample seeded noise."""
+        t = self.time.check(t)
+        eps = per_sample_randn(x0.shape[1:], keys, seed, t, draw).to(x0.device, x0.dtype)
+        return self.interpolate(x0, eps, t)
+
+    def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
+        if self.time is FLOW:
+            s = self.sigma(t, x0)
+            return (1.0 - s) * x0 + s * eps
+        abar = ddpm_alphas_cumprod(self.scheduler_config)[int(t)]
+        return abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * eps
+
+    def sigma(self, t: float, x0: torch.Tensor) -> float:
+        """Flow noise level s(t) for latents shaped like ``x0`` (FLUX's dynamic shift depends on its size)."""
+        tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)  # FLUX packs 2x2 latent patches into one token
+        return flow_sigma(float(t), self.scheduler_config, image_seq_len=tokens)
+
+    # --- conditioning -------------------------------------------------------------------------------------------
+
+    def condition(self, n: int, captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The cached empty-prompt embedding repeated n times, or the captions' own (condition="caption")."""
+        if captions is None:
+            return {k: v.expand(n, *v.shape[1:]) for k, v in self.null_condition.items()}
+        if self.encode_caption is None:
+            raise ValueError("caption conditioning needs the text encoders: load with condition='caption'")
+        if len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for {n} images")
+        return self.encode_caption(list(captions))
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def forward_intermediates(
+        self, x: torch.Tensor, t: torch.Tensor | float, blocks: Sequence[int], **cond: Any
+    ) -> dict[int, torch.Tensor]:
+        """Tokens ``[N, T, D]`` after each asked block (the ``stream`` chosen), stopping after the deepest one."""
+        wanted = resolve_indices(blocks, self.depth)
+        out: dict[int, torch.Tensor] = {}
+
+        def capture(index: int):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                out[index] = self._select(output, index)
+                if index == wanted[-1]:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self._blocks[i][1].register_forward_hook(capture(i)) for i in wanted]
+        try:
+            self.transformer(**self.model_inputs(x, t, cond), return_dict=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out
+
+    def model_inputs(self, x: torch.Tensor, t: torch.Tensor | float, cond: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of diffusers' forward for latents ``x [N, C, H, W]`` at time ``t``."""
+        n = x.shape[0]
+        cond = cond or self.condition(n)
+        dtype = next(self.transformer.parameters()).dtype
+        x = x.to(dtype)
+        cond = {k: _to(v, x.device, dtype) for k, v in cond.items()}
+        times = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(n)
+        if self.time is FLOW:
+            sigma = torch.tensor([self.sigma(float(v), x) for v in times])
+            times = sigma * 1000
+        times = times.to(x.device)
+        if self.family.name == "flux":
+            return self._flux_inputs(x, times / 1000, cond)
+        if self.family.name == "pixart":
+            return {"hidden_states": x, "timestep": times, "added_cond_kwargs": self._pixart_added(x), **cond}
+        return {"hidden_states": x, "timestep": times, **cond}
+
+    def _pixart_added(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """PixArt-α 1024 px also embeds the image size and aspect ratio (pixels, as its pipeline passes them)."""
+        if not getattr(self.transformer, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        n = x.shape[0]
+        return {
+            "resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(n, 2),
+            "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).expand(n, 1),
+        }
+
+    def _flux_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        """FLUX reads 2x2-packed latent tokens with 3-axis rotary ids, as ``FluxPipeline`` prepares them."""
+        from diffusers import FluxPipeline
+
+        n, c, h, w = x.shape
+        text_len = cond["encoder_hidden_states"].shape[1]
+        inputs = {
+            "hidden_states": FluxPipeline._pack_latents(x, n, c, h, w),
+            "timestep": sigma.to(x.dtype),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype),
+            "txt_ids": torch.zeros(text_len, 3, device=x.device, dtype=x.dtype),
+            **cond,
+        }
+        if self.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+        return inputs
+
+    def _select(self, output: Any, index: int) -> torch.Tensor:
+        if not self.family.joint:
+            return output[0] if isinstance(output, tuple) else output
+        text, image = output
+        if self.stream == "image":
+            return image
+        if text is None:  # SD3's last block updates only the image tokens (context_pre_only)
+            raise ValueError(f"block {index} ({self._blocks[index][0]}) outputs no text tokens; ask an earlier block")
+        return text if self.stream == "text" else torch.cat([text, image], dim=1)
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Floating tensors to the model's device and dtype, other tensors to its device; anything else as given."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
+def _list(module: nn.Module, attr: str) -> nn.ModuleList:
+    blocks = getattr(module, attr, None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise CheckpointError(f"{type(module).__name__} has no '{attr}' block list; it is not a DiT-style transformer")
+    return blocks
+
+
+def _inner_dim(transformer: nn.Module) -> int:
+    cfg = transformer.config
+    return cfg.num_attention_heads * cfg.attention_head_dim
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a pipeline root
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sniff_family(source: str | Path) -> str:
+    """The family of a pipeline root (or hub id) from ``transformer/config.json``'s class name."""
+    cfg = _read_config(source, "transformer/config.json")
+    return _BY_CLASS.get(cfg.get("_class_name", ""), "generic")
+
+
+def _read_config(source: str | Path, name: str) -> dict:
+    path = Path(source) / name
+    if not path.is_file():
+        if Path(source).exists():
+            raise CheckpointError(f"{source}: no {name} (expected a diffusers pipeline root: transformer/, vae/...)")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(source), name))
+    return json.loads(path.read_text())
+
+
+def load_diffusers_backbone(
+    source: str | Path,
+    *,
+    family: str | None = None,
+    condition: str = "null",
+    stream: str = "image",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    guidance: float = 3.5,
+    max_sequence_length: int | None = None,
+) -> DiffusersBackbone:
+    """A pipeline root (local folder or hub id holding ``transformer/``, ``scheduler/``, ``text_encoder*/``,
+    ``tokenizer*/``) as a backbone. The transformer and the empty prompt's embedding are kept; the text encoders
+    only with ``condition="caption"``. The generic family takes no text encoders: pass its conditioning yourself.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    family = family or sniff_family(source)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown diffusers family {family!r}; known: {', '.join(FAMILIES)}")
+    import diffusers
+
+    cfg = _read_config(source, "transformer/config.json")
+    cls_name = FAMILIES[family].transformer_class or cfg.get("_class_name", "")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise CheckpointError(f"{source}: transformer class {cls_name!r} is not in diffusers {diffusers.__version__}")
+    transformer = cls.from_pretrained(str(source), subfolder="transformer", torch_dtype=dtype)
+    transformer = transformer.to(device).eval().requires_grad_(False)
+    scheduler = _read_config(source, "scheduler/scheduler_config.json")
+    null, encode = {}, None
+    if FAMILIES[family].pipeline_class:
+        encode = _prompt_encoder(source, family, dtype, device, max_sequence_length)
+        null = encode.encode([""])
+        if condition == "null":
+            encode = None  # drops the only reference to the text encoders
+    return DiffusersBackbone(
+        transformer,
+        family,
+        scheduler,
+        null_condition=null,
+        encode_caption=encode.encode if encode else None,
+        stream=stream,
+        guidance=guidance,
+    )
+
+
+class _PromptEncoder:
+    """The pipeline's own ``encode_prompt``, with only its text encoders and tokenizers loaded."""
+
+    def __init__(self, pipeline: Any, family: str, max_sequence_length: int | None) -> None:
+        self.pipeline = pipeline
+        self.family = family
+        self.max_sequence_length = max_sequence_length
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pipe, kw = self.pipeline, {}
+        if self.max_sequence_length:
+            kw["max_sequence_length"] = self.max_sequence_length
+        if self.family == "pixart":
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, False, clean_caption=False, **kw)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        if self.family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, **kw)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, **kw)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _prompt_encoder(
+    source: str | Path, family: str, dtype: torch.dtype, device: str | torch.device, max_len: int | None
+) -> _PromptEncoder:
+    import diffusers
+
+    index = _read_config(source, "model_index.json")
+    name = index.get("_class_name", FAMILIES[family].pipeline_class)
+    if family == "pixart" and name not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+        name = FAMILIES[family].pipeline_class
+    pipeline_cls = getattr(diffusers, name, None) or getattr(diffusers, FAMILIES[family].pipeline_class)
+    skip = {k: None for k in ("transformer", "vae") if k in index}
+    try:
+        pipe = pipeline_cls.from_pretrained(str(source), torch_dtype=dtype, **skip)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: could not load the text encoders of {name} ({exc})") from exc
+    return _PromptEncoder(pipe.to(device), family, max_len)

@@ -1,0 +1,42 @@
+"""Massive activations: the few fixed channels of a DiT's residual stream whose magnitude is hundreds of times
+the rest (Sun et al. 2024; DiTF, NeurIPS 2025, on FLUX). Mean-pooled features and linear probes are dominated by
+them, so they are found from data and then suppressed or normalised before pooling.
+
+Found, not hard-coded: which channels are massive differs per model and per block, so they are measured on a
+calibration batch and returned, for the run to record and the report to show.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPRESS_MODES = ("zero", "normalise")
+
+
+def find_massive_channels(tokens: torch.Tensor, k: float = 100.0) -> list[int]:
+    """Channels of ``tokens [N, T, D]`` whose largest magnitude over the batch exceeds ``k`` x the median magnitude
+    of all entries (the median is the typical activation; a massive channel stands out by orders of magnitude)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"expected block tokens [N, T, D], got shape {list(tokens.shape)}")
+    magnitude = tokens.detach().abs().float()
+    typical = magnitude.median()
+    peak = magnitude.amax(dim=(0, 1))
+    return torch.nonzero(peak > k * typical).flatten().tolist()
+
+
+def suppress_channels(tokens: torch.Tensor, channels: list[int], mode: str = "zero") -> torch.Tensor:
+    """A copy of ``tokens [N, T, D]`` with ``channels`` set to zero, or standardised over the tokens of each sample
+    (``normalise``: zero mean, unit variance, so they keep their spatial pattern but no longer their scale)."""
+    if mode not in SUPPRESS_MODES:
+        raise ValueError(f"massive-activation mode must be one of {SUPPRESS_MODES}, got {mode!r}")
+    out = tokens.clone()
+    if not channels:
+        return out
+    picked = out[..., channels]
+    if mode == "zero":
+        out[..., channels] = 0
+    else:
+        mean = picked.mean(dim=1, keepdim=True)
+        std = picked.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-6)
+        out[..., channels] = (picked - mean) / std
+    return out
