@@ -166,14 +166,15 @@ def init_prior_bias(linear: nn.Linear, targets: torch.Tensor, loss: Loss) -> Non
 
 
 @torch.no_grad()
-def forward_chunked(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Logits for all rows, in chunks so a wide head never materialises [N, width] for the whole set at once."""
+def forward_chunked(model: nn.Module, inputs: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Logits for all rows (along ``dim``), in chunks so a wide head never materialises [N, width] for the whole
+    set at once."""
     was_training = model.training
     model.eval()
-    n = inputs[0].shape[0]
-    out = torch.cat([model(*(x[i : i + _EVAL_CHUNK] for x in inputs)) for i in range(0, n, _EVAL_CHUNK)])
+    n = inputs[0].shape[dim]
+    chunks = [model(*(x.narrow(dim, i, min(_EVAL_CHUNK, n - i)) for x in inputs)) for i in range(0, n, _EVAL_CHUNK)]
     model.train(was_training)
-    return out
+    return torch.cat(chunks, dim=dim)
 
 
 def logits_to_probabilities(logits: torch.Tensor, loss: Loss) -> np.ndarray:
@@ -406,6 +407,131 @@ def _train_epoch(
         total += loss.item() * batch_targets.shape[0]
         rows += batch_targets.shape[0]
     return total / rows
+
+
+# ---------------------------------------------------------------- the one loop
+
+
+class OneHead(nn.Module):
+    """A head ``model(*[B, D_i]) -> [B, C]`` (the fusion head) as the K = 1 case of stacked heads."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(*(x[0] for x in inputs))[None]
+
+
+def train_heads(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    val_inputs: Sequence[torch.Tensor],
+    val_targets: torch.Tensor,
+    cfg: TrainConfig,
+) -> list[TrainOutcome]:
+    """Train K heads stacked on a leading axis in place; each ends holding its best-validation weights.
+
+    ``model`` maps one [K, B, D_i] tensor per input to logits [K, B, C]; with K > 1 every parameter and buffer has
+    K on its first axis (a single head of any shape is ``OneHead``). Inputs must already be float32 and
+    standardised (``feature_stats``/``apply_stats``), targets come from ``as_targets``. The caller seeds module
+    initialisation; this seeds shuffling and dropout from ``cfg.seed``.
+
+    The loss is the sum of the K per-head losses, so each head gets exactly its own gradient and, AdamW being
+    elementwise, its own update: head k follows the trajectory it would follow alone (same seed, same batches),
+    up to float rounding, and stops early on its own. One step for K heads instead of K steps is the point: a
+    probe on a few thousand rows is bound by per-step overhead, not arithmetic. The cosine schedule is stepped
+    per optimiser step so that mini-batch and full-batch runs follow the same curve over ``cfg.epochs``.
+    """
+    check_val_targets(val_targets, cfg.loss)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    k, n = inputs[0].shape[:2]
+    rows_first = [x.transpose(0, 1).contiguous().to(device) for x in inputs]  # [N, K, D_i]: see _train_epoch
+    val_inputs, targets = [x.to(device) for x in val_inputs], targets.to(device)
+    shuffled = [torch.empty_like(x) for x in rows_first] if 0 < cfg.batch_size < n else None
+    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    best = _BestWeights(model, k)
+    with seeded(cfg.seed), torch_threads(cfg.num_threads):
+        for epoch in range(1, cfg.epochs + 1):
+            losses = _train_epoch_k(model, rows_first, targets, optimizer, schedule, cfg, generator, shuffled)
+            if epoch % cfg.eval_every and epoch != cfg.epochs:
+                continue
+            scores = stacked_val_scores(forward_chunked(model, val_inputs, dim=1), val_targets, cfg.loss)
+            if best.update(model, epoch, losses, scores, cfg.patience):
+                break
+    model.load_state_dict(best.state)
+    model.eval()
+    seconds = (time.perf_counter() - start) / k
+    return [TrainOutcome(best.score[i], best.epoch[i], best.history[i], seconds) for i in range(k)]
+
+
+class _BestWeights:
+    """Per-head early stopping: each head's best score, its epoch and weights; a stopped head is frozen."""
+
+    def __init__(self, model: nn.Module, k: int):
+        self.k = k
+        self.score, self.epoch, self.stopped = [-math.inf] * k, [0] * k, [False] * k
+        self.history: list[list[HistoryRow]] = [[] for _ in range(k)]
+        self.state = {name: v.detach().clone() for name, v in model.state_dict().items()}
+
+    def update(self, model: nn.Module, epoch: int, losses: list[float], scores: list[float], patience: int) -> bool:
+        """Record one evaluation; True once every head has stopped."""
+        for i in (i for i in range(self.k) if not self.stopped[i]):
+            self.history[i].append(HistoryRow(epoch, losses[i], scores[i]))
+            if scores[i] > self.score[i]:
+                self.score[i], self.epoch[i] = scores[i], epoch
+                self._keep(model, i)
+            elif epoch - self.epoch[i] >= patience:
+                self.stopped[i] = True
+        return all(self.stopped)
+
+    def _keep(self, model: nn.Module, i: int) -> None:
+        for name, v in model.state_dict().items():
+            if self.k == 1:  # a single head's tensors need not have a leading K axis
+                self.state[name].copy_(v)
+            else:
+                self.state[name][i] = v[i]
+
+
+def _train_epoch_k(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    shuffled: list[torch.Tensor] | None,
+) -> list[float]:
+    """One pass over the train set for all K heads; returns each head's row-weighted mean loss.
+
+    ``inputs`` are [N, K, D_i] (rows first), shuffled once per epoch into the ``shuffled`` buffers, so every batch
+    is a contiguous slice: gathering rows of a [K, N, D] tensor per step cost more than the heads, and a fresh
+    allocation per epoch cost more than reusing one.
+    """
+    n = inputs[0].shape[0]
+    size = cfg.batch_size if shuffled is not None else n
+    if shuffled is not None:
+        order = torch.randperm(n, generator=generator).to(targets.device)
+        inputs = [torch.index_select(x, 0, order, out=buf) for x, buf in zip(inputs, shuffled, strict=True)]
+        targets = targets[order]
+    total, rows = torch.zeros(inputs[0].shape[1], dtype=torch.float64), 0
+    for start in range(0, n, size):
+        batch, batch_targets = [x[start : start + size].transpose(0, 1) for x in inputs], targets[start : start + size]
+        per_head = _stacked_loss(model(*batch), batch_targets, cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        per_head.sum().backward()
+        optimizer.step()
+        schedule.step()
+        total += per_head.detach().double().cpu() * batch_targets.shape[0]
+        rows += batch_targets.shape[0]
+    return (total / rows).tolist()
 
 
 # ---------------------------------------------------------------- persistence
