@@ -23,6 +23,7 @@ from difffeat.heads.train import (
     ArrayLike,
     HistoryRow,
     Loss,
+    OneHead,
     TrainConfig,
     TrainOutcome,
     apply_stats,
@@ -36,7 +37,7 @@ from difffeat.heads.train import (
     outcome_info,
     save_tensors,
     to_float32,
-    train_head,
+    train_heads,
 )
 from difffeat.utils.runtime import seeded
 
@@ -202,7 +203,7 @@ def fit_fusion(
     init_prior_bias(head.classifier, y, cfg.loss)
     inputs, val_inputs = _standardised(xs, means, stds), _standardised(vxs, means, stds)
     del xs, vxs
-    outcome = train_head(head, inputs, y, val_inputs, vy, cfg)
+    (outcome,) = train_heads(OneHead(head), [x[None] for x in inputs], y, [x[None] for x in val_inputs], vy, cfg)
     return FusionResult(head.cpu(), means, stds, cfg.loss, **vars(outcome))
 
 

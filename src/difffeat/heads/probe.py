@@ -37,7 +37,7 @@ from difffeat.heads.train import (
     outcome_info,
     save_tensors,
     to_float32,
-    train_stacked,
+    train_heads,
 )
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
@@ -165,7 +165,7 @@ def fit_probes(
     stacked = StackedLinear(linear, len(xs))
     train = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(xs, stats, strict=True)])
     val = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(vxs, stats, strict=True)])
-    outcomes = train_stacked(stacked, train, y, val, vy, cfg)
+    outcomes = train_heads(stacked, [train], y, [val], vy, cfg)
     stacked.cpu()
     return [
         ProbeResult(stacked.head(i), m, sd, cfg.loss, **vars(o))

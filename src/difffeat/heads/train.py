@@ -90,7 +90,7 @@ class HistoryRow(NamedTuple):
 
 @dataclass
 class TrainOutcome:
-    """What ``train_head`` reports; the model it was given already holds the best weights."""
+    """What ``train_heads`` reports per head; the model it was given already holds the best weights."""
 
     best_score: float
     best_epoch: int
@@ -200,218 +200,6 @@ def check_val_targets(val_targets: torch.Tensor, loss: Loss) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor | None]:
-    """Row indices per step for one epoch; ``[None]`` means the whole (unshuffled) set in one step."""
-    if batch_size == 0 or batch_size >= n:
-        return [None]
-    return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
-def _loss_fn(loss: Loss) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if loss == "bce" else nn.CrossEntropyLoss()
-
-
-def train_head(
-    model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    targets: torch.Tensor,
-    val_inputs: Sequence[torch.Tensor],
-    val_targets: torch.Tensor,
-    cfg: TrainConfig,
-) -> TrainOutcome:
-    """Train ``model(*inputs) -> logits`` in place and leave it holding its best-validation weights.
-
-    Inputs must already be float32 and standardised (see ``feature_stats``/``apply_stats``); ``targets`` come
-    from ``as_targets``. The caller seeds module initialisation; this seeds shuffling and dropout from
-    ``cfg.seed``. The cosine schedule is stepped per optimiser step so that mini-batch and full-batch runs
-    follow the same curve over ``cfg.epochs``.
-    """
-    check_val_targets(val_targets, cfg.loss)
-    device = torch.device(cfg.device)
-    model.to(device).train()
-    inputs = [x.to(device) for x in inputs]
-    val_inputs = [x.to(device) for x in val_inputs]
-    targets = targets.to(device)
-    n = inputs[0].shape[0]
-    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    loss_fn = _loss_fn(cfg.loss)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    start = time.perf_counter()
-    best_score, best_epoch, best_state = -math.inf, 0, None
-    history: list[HistoryRow] = []
-    with seeded(cfg.seed), torch_threads(cfg.num_threads):
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_loss = _train_epoch(model, inputs, targets, optimizer, schedule, loss_fn, cfg.batch_size, generator)
-            if epoch % cfg.eval_every and epoch != cfg.epochs:
-                continue
-            score = val_score(forward_chunked(model, val_inputs), val_targets, cfg.loss)
-            history.append(HistoryRow(epoch, epoch_loss, score))
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch - best_epoch >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainOutcome(best_score, best_epoch, history, time.perf_counter() - start)
-
-
-def train_stacked(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    val_inputs: torch.Tensor,
-    val_targets: torch.Tensor,
-    cfg: TrainConfig,
-) -> list[TrainOutcome]:
-    """``train_head`` for K independent heads stacked on a leading axis, trained in one loop.
-
-    ``model`` maps [K, B, D] to logits [K, B, C], and every parameter and buffer has K on its first axis. The loss
-    is the sum of the K per-head losses, so each head gets exactly its own gradient and, AdamW being elementwise,
-    its own update: head k follows the trajectory ``train_head`` would give it alone (same seed, same batches),
-    up to float rounding. Early stopping is per head (a stopped head's best weights are frozen); the loop ends
-    when every head has stopped. One step for K heads instead of K steps is the point: a probe on a few thousand
-    rows is bound by per-step overhead, not arithmetic.
-    """
-    check_val_targets(val_targets, cfg.loss)
-    device = torch.device(cfg.device)
-    model.to(device).train()
-    k, n = inputs.shape[0], inputs.shape[1]
-    inputs = inputs.transpose(0, 1).contiguous().to(device)  # [N, K, D]: see _train_stacked_epoch
-    val_inputs, targets = val_inputs.to(device), targets.to(device)
-    buffer = torch.empty_like(inputs)
-    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    start = time.perf_counter()
-    best = [-math.inf] * k
-    best_epoch, stopped = [0] * k, [False] * k
-    best_state = {name: v.detach().clone() for name, v in model.state_dict().items()}
-    history: list[list[HistoryRow]] = [[] for _ in range(k)]
-    with seeded(cfg.seed), torch_threads(cfg.num_threads):
-        for epoch in range(1, cfg.epochs + 1):
-            losses = _train_stacked_epoch(model, inputs, targets, optimizer, schedule, cfg, generator, buffer)
-            if epoch % cfg.eval_every and epoch != cfg.epochs:
-                continue
-            scores = stacked_val_scores(forward_stacked(model, val_inputs), val_targets, cfg.loss)
-            for i in (i for i in range(k) if not stopped[i]):
-                history[i].append(HistoryRow(epoch, losses[i], scores[i]))
-                if scores[i] > best[i]:
-                    best[i], best_epoch[i] = scores[i], epoch
-                    for name, v in model.state_dict().items():
-                        best_state[name][i] = v[i]
-                elif epoch - best_epoch[i] >= cfg.patience:
-                    stopped[i] = True
-            if all(stopped):
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    seconds = (time.perf_counter() - start) / k
-    return [TrainOutcome(best[i], best_epoch[i], history[i], seconds) for i in range(k)]
-
-
-def _train_stacked_epoch(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    buffer: torch.Tensor,
-) -> list[float]:
-    """One pass over the train set for all K heads; returns each head's row-weighted mean loss.
-
-    ``inputs`` is [N, K, D] (rows first), shuffled once per epoch with the permutation ``_batches`` draws, so
-    every batch is a contiguous slice: gathering rows of a [K, N, D] tensor per step cost more than the heads.
-    The shuffled copy goes into the same ``buffer`` every epoch (a fresh allocation each time was 3x slower).
-    """
-    n = inputs.shape[0]
-    batches = _batches(n, cfg.batch_size, generator)
-    if batches != [None]:
-        order = torch.cat(batches).to(targets.device)
-        inputs, targets = torch.index_select(inputs, 0, order, out=buffer), targets[order]
-    size = n if batches == [None] else cfg.batch_size
-    total, rows = torch.zeros(inputs.shape[1], dtype=torch.float64), 0
-    for start in range(0, n, size):
-        batch, batch_targets = inputs[start : start + size], targets[start : start + size]
-        per_head = _stacked_loss(model(batch.transpose(0, 1)), batch_targets, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        per_head.sum().backward()
-        optimizer.step()
-        schedule.step()
-        total += per_head.detach().double().cpu() * batch_targets.shape[0]
-        rows += batch_targets.shape[0]
-    return (total / rows).tolist()
-
-
-def _stacked_loss(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """Per-head mean loss [K] of logits [K, B, C]: what each head's own loss function would give."""
-    if loss == "bce":
-        target = targets.expand(logits.shape[0], *targets.shape)
-        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2))
-    k, b, c = logits.shape
-    flat = nn.functional.cross_entropy(logits.reshape(k * b, c), targets.repeat(k), reduction="none")
-    return flat.reshape(k, b).mean(dim=1)
-
-
-@torch.no_grad()
-def forward_stacked(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits [K, N, C] for all rows, in row chunks (see ``forward_chunked``)."""
-    was_training = model.training
-    model.eval()
-    n = inputs.shape[1]
-    out = torch.cat([model(inputs[:, i : i + _EVAL_CHUNK]) for i in range(0, n, _EVAL_CHUNK)], dim=1)
-    model.train(was_training)
-    return out
-
-
-def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> list[float]:
-    """``val_score`` of each head; for mAP the K heads' classes are ranked in one call (one AP per column)."""
-    k, n, c = logits.shape
-    if loss == "ce":
-        return [val_score(head, targets, loss) for head in logits]
-    scores = logits.permute(1, 0, 2).reshape(n, k * c).cpu().numpy()
-    ap = average_precision_per_class(scores, np.tile(targets.cpu().numpy(), (1, k))).reshape(k, c)
-    return [nanmean_percent(row) for row in ap]
-
-
-def _train_epoch(
-    model: nn.Module,
-    inputs: list[torch.Tensor],
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    batch_size: int,
-    generator: torch.Generator,
-) -> float:
-    """One pass over the train set; returns the row-weighted mean loss."""
-    total, rows = 0.0, 0
-    for idx in _batches(inputs[0].shape[0], batch_size, generator):
-        if idx is None:
-            batch, batch_targets = inputs, targets
-        else:
-            idx = idx.to(targets.device)
-            batch, batch_targets = [x[idx] for x in inputs], targets[idx]
-        loss = loss_fn(model(*batch), batch_targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total += loss.item() * batch_targets.shape[0]
-        rows += batch_targets.shape[0]
-    return total / rows
-
-
-# ---------------------------------------------------------------- the one loop
-
-
 class OneHead(nn.Module):
     """A head ``model(*[B, D_i]) -> [B, C]`` (the fusion head) as the K = 1 case of stacked heads."""
 
@@ -459,7 +247,7 @@ def train_heads(
     best = _BestWeights(model, k)
     with seeded(cfg.seed), torch_threads(cfg.num_threads):
         for epoch in range(1, cfg.epochs + 1):
-            losses = _train_epoch_k(model, rows_first, targets, optimizer, schedule, cfg, generator, shuffled)
+            losses = _train_epoch(model, rows_first, targets, optimizer, schedule, cfg, generator, shuffled)
             if epoch % cfg.eval_every and epoch != cfg.epochs:
                 continue
             scores = stacked_val_scores(forward_chunked(model, val_inputs, dim=1), val_targets, cfg.loss)
@@ -499,7 +287,7 @@ class _BestWeights:
                 self.state[name][i] = v[i]
 
 
-def _train_epoch_k(
+def _train_epoch(
     model: nn.Module,
     inputs: list[torch.Tensor],
     targets: torch.Tensor,
@@ -532,6 +320,26 @@ def _train_epoch_k(
         total += per_head.detach().double().cpu() * batch_targets.shape[0]
         rows += batch_targets.shape[0]
     return (total / rows).tolist()
+
+
+def _stacked_loss(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """Per-head mean loss [K] of logits [K, B, C]: what each head's own loss function would give."""
+    if loss == "bce":
+        target = targets.expand(logits.shape[0], *targets.shape)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2))
+    k, b, c = logits.shape
+    flat = nn.functional.cross_entropy(logits.reshape(k * b, c), targets.repeat(k), reduction="none")
+    return flat.reshape(k, b).mean(dim=1)
+
+
+def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> list[float]:
+    """``val_score`` of each head; for mAP the K heads' classes are ranked in one call (one AP per column)."""
+    k, n, c = logits.shape
+    if loss == "ce":
+        return [val_score(head, targets, loss) for head in logits]
+    scores = logits.permute(1, 0, 2).reshape(n, k * c).cpu().numpy()
+    ap = average_precision_per_class(scores, np.tile(targets.cpu().numpy(), (1, k))).reshape(k, c)
+    return [nanmean_percent(row) for row in ap]
 
 
 # ---------------------------------------------------------------- persistence
