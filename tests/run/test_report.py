@@ -219,3 +219,16 @@ def test_render_script_counts_colours_to_spot_blank_pages(tmp_path):
     two.putpixel((0, 0), (0, 0, 0))
     two.save(tmp_path / "two.png")
     assert script.distinct_colours(tmp_path / "two.png") == 2
+
+
+def test_a_failed_write_keeps_the_old_files_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    write_metrics_json(tmp_path / "metrics.json", {"mAP": 1.0})
+
+    def disk_gone(*args, **kwargs):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr("os.replace", disk_gone)
+    with pytest.raises(OSError, match="rename failed"):
+        write_metrics_json(tmp_path / "metrics.json", {"mAP": 2.0})
+    assert read_metrics_json(tmp_path / "metrics.json") == {"mAP": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -9,6 +9,7 @@ and fitting dozens of cells.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -39,6 +40,7 @@ from difffeat.heads.train import (
     to_float32,
     train_heads,
 )
+from difffeat.utils.io import atomic_write_text
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
 
@@ -285,12 +287,11 @@ def _read_rows(path: Path) -> dict[tuple[int, int], SweepRow]:
             row = _parse_row(record)
             if row is not None:
                 rows[row.block, row.t] = row
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(_CSV_FIELDS)
-        writer.writerows(_csv_values(row) for row in rows.values())
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(_CSV_FIELDS)
+    writer.writerows(_csv_values(row) for row in rows.values())
+    atomic_write_text(path, text.getvalue())
     return rows
 
 

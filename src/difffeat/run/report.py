@@ -12,13 +12,13 @@ import base64
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from difffeat.analysis import CLUSTERING_BETTER
+from difffeat.utils.io import atomic_write_text
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MISSING = "–"
@@ -76,20 +76,11 @@ def _json_key(key: object) -> str:
     return str(key)
 
 
-def _write_atomic(path: str | Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file a resumed run trusts."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
-
-
 def write_metrics_json(path: str | Path, summary: Mapping) -> Path:
     """Write ``summary`` as stable, strict JSON (sorted keys, 2-space indent, NaN -> null)."""
     data = to_jsonable(summary, "summary")
-    return _write_atomic(path, json.dumps(data, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_metrics_json(path: str | Path) -> dict:
@@ -260,4 +251,5 @@ def render_report(
         ("configuration", "Configuration", _config_section(config)),
     ]
     sections = [section for section in candidates if section[2] or section[0] in ("configuration", "metrics")]
-    return _write_atomic(path, _document(title, sections))
+    atomic_write_text(path, _document(title, sections))
+    return Path(path)
