@@ -186,6 +186,10 @@ def _search_section(search: Mapping) -> str:
     return _summary_list(items) + details
 
 
+def _skipped_section(skipped: Sequence[Mapping]) -> str:
+    return f"<details><summary>{len(skipped)} records, each with its reason</summary>{_table(skipped)}</details>"
+
+
 def _figures(images: Mapping[str, str | Path]) -> str:
     return "\n".join(_figure(path, name) for name, path in images.items())
 
@@ -232,12 +236,14 @@ def render_report(
     clustering: Sequence[Mapping],
     search: Mapping | None,
     notes: Sequence[str],
+    skipped: Sequence[Mapping] = (),
 ) -> Path:
     """Write one self-contained ``report.html`` and return its path.
 
     Table rows are dicts with a "name" and one key per column (numbers are shown to 2 decimals, None/NaN as a
-    dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. Sections with nothing to show are left out,
-    except configuration and metrics, which every report has.
+    dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. ``skipped`` lists every record left out of
+    the run with its reason (a count alone cannot be checked). Sections with nothing to show are left out, except
+    configuration and metrics, which every report has.
     """
     # What a reader looks for first comes first: results and the run's checks; the configuration closes the page.
     candidates = [
@@ -248,6 +254,7 @@ def render_report(
         ("search", "Local search", _search_section(search) if search else ""),
         ("tsne", "t-SNE", _figure(tsne, "t-SNE of the test features, coloured by class") if tsne else ""),
         ("clustering", "Clustering scores", _table(clustering, CLUSTERING_BETTER) if clustering else ""),
+        ("skipped", "Records left out", _skipped_section(skipped) if skipped else ""),
         ("configuration", "Configuration", _config_section(config)),
     ]
     sections = [section for section in candidates if section[2] or section[0] in ("configuration", "metrics")]

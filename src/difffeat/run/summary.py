@@ -123,6 +123,14 @@ def _still_improving_note(late: dict[str, list[str]]) -> str | None:
     return "Still improving when training stopped (best epoch in the last tenth): " + "; ".join(parts) + "."
 
 
+def skipped_records(exp) -> list[dict[str, str]]:
+    """Every record left out of the run and why: those the dataset reader dropped (e.g. COCO images without
+    annotation, with ``drop_unannotated``) and images that could not be decoded (``--skip-bad``), per split."""
+    rows = [{"record": record, "reason": reason, "left out by": "reader"} for record, reason in exp.data.skipped]
+    checked = [(split, *row) for split in ("train", "val", "test") for row in exp.store.skipped(split)]
+    return rows + [{"record": i, "reason": why, "left out by": f"image check ({split})"} for split, i, why in checked]
+
+
 CLEAR_MARGIN = 2.0  # points of mAP (or top-1) that count as a clear win over a baseline
 
 
@@ -189,6 +197,7 @@ def build_report(exp, seconds: float | None = None) -> None:
     checks = claims(results, search, tables, grids, key)
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
+    skipped = skipped_records(exp)
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
@@ -202,6 +211,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "captions_truncated": truncated,
         "still_improving": late,
         "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
+        "skipped_records": skipped,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -210,6 +220,8 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
     if note := _still_improving_note(late):
         notes.append(note)
+    if skipped:
+        notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
     render_report(
         exp.out / "report.html",
         title=f"difffeat: {exp.data.name}",
@@ -221,4 +233,5 @@ def build_report(exp, seconds: float | None = None) -> None:
         clustering=clustering,
         search=search,
         notes=notes,
+        skipped=skipped,
     )
