@@ -151,8 +151,8 @@ def fit_probes(
     """``fit_probe`` on each of several feature sets of one width (same rows, same labels), trained together.
 
     Each probe gets the initialisation, batches, updates and early stopping it would get alone (up to float
-    rounding), but the K probes take one optimiser step per batch instead of K: on demo-sized data (5 000 rows,
-    36 probes) about twice as fast as one after another (``benchmarks/sweep_probes.py``).
+    rounding), but the K probes take one optimiser step per batch instead of K: a probe on a few thousand rows
+    costs per-step overhead more than arithmetic (``benchmarks/sweep_probes.py`` measures the difference).
     """
     cfg = cfg or ProbeConfig()
     xs, vxs = [to_float32(x) for x in train_xs], [to_float32(x) for x in val_xs]

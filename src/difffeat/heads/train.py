@@ -6,8 +6,8 @@ of epochs, and early stopping on the validation score with the best weights rest
 means a probe score and a fusion score are always comparable: they differ only in the head, never in the recipe.
 
 Features arrive as cached arrays (numpy, ``np.memmap`` in float16/float32, or tensors). They are converted once to
-float32 tensors and standardised once, so an epoch is a handful of large matrix multiplications and the whole fit
-takes seconds on a CPU.
+float32 tensors and standardised once, so an epoch is a handful of large matrix multiplications rather than a
+conversion per batch.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class TrainConfig:
         seed: seeds initialisation, shuffling and dropout; same inputs and seed give an identical result.
         device: torch device to train on.
         num_threads: torch CPU threads while fitting (restored afterwards); None leaves torch's setting. On a
-            shared or oversubscribed CPU, 1 can be many times faster: busy cores stall the OpenMP barriers that
-            every small multi-threaded op waits on.
+            shared or oversubscribed CPU 1 is often fastest: every small multi-threaded op waits at an OpenMP
+            barrier, which a busy core stalls.
         loss: "bce" for multi-label {0,1} targets [N, C] (val score: mAP), "ce" for int targets [N]
             (val score: top-1 accuracy); both in percent.
     """
