@@ -36,8 +36,8 @@ def chosen_cells(out: Path) -> dict[str, tuple[int, int]]:
 
 def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     """Scores on the (block, t) grid: the sweep CSV when there is one, else the cells the search evaluated."""
-    blocks, steps = exp.grid(modality)
-    table = np.full((len(blocks), len(steps)), np.nan)
+    blocks, timesteps = exp.grid(modality)
+    table = np.full((len(blocks), len(timesteps)), np.nan)
     sweep = exp.out / f"sweep_{modality}.csv"
     if sweep.exists():
         with sweep.open() as f:
@@ -45,8 +45,8 @@ def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     else:
         cells = [(*e["key"], e["score"]) for e in search["evaluations"] if e["modality"] == modality]
     for b, t, score in cells:
-        if b in blocks and t in steps and score is not None:
-            table[blocks.index(b), steps.index(t)] = score
+        if b in blocks and t in timesteps and score is not None:
+            table[blocks.index(b), timesteps.index(t)] = score
     return table
 
 
@@ -160,10 +160,10 @@ def claims(
     for m, table in tables.items():
         if not np.isfinite(table).any():
             continue
-        _, steps = grids[m]
-        best_t = steps[int(np.nanargmax(table)) % table.shape[1]]
+        _, timesteps = grids[m]
+        best_t = timesteps[int(np.nanargmax(table)) % table.shape[1]]
         if m == "image":
-            out["image_best_t_below_grid_max"] = best_t < max(steps)
+            out["image_best_t_below_grid_max"] = best_t < max(timesteps)
         elif m == "text":
             out["text_best_step_at_low_noise"] = best_t <= 250
         if np.isfinite(table).all() and m in search.get("best_scores", {}):
@@ -181,13 +181,13 @@ def build_report(exp, seconds: float | None = None) -> None:
     heads = {p.stem: FusionResult.load(p) for p in sorted((exp.out / "heads").glob("*.safetensors"))}
     tables, heatmaps, grids = {}, {}, {}
     for m in exp.modalities:
-        blocks, steps = grids[m] = exp.grid(m)
+        blocks, timesteps = grids[m] = exp.grid(m)
         tables[m] = grid_table(exp, m, search)
         best = tuple(search["best"][m]) if m in search["best"] else None
         path = [tuple(c) for c in search["path"].get(m, [])]
         unit = "block x DDPM t" if m == "image" else "block x noise step"
         heatmaps[f"{m} ({unit})"] = plot_heatmap(
-            tables[m], blocks, steps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
+            tables[m], blocks, timesteps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
         )
     clustering, tsne = analyse_clusters(exp, cells, heads)
     key = "top1" if exp.data.single_label else "mAP"
