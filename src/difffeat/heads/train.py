@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from difffeat.metrics import (
@@ -32,10 +32,12 @@ from difffeat.metrics import (
     nanmean_percent,
     single_label_metrics,
 )
+from difffeat.utils.io import atomic_write_bytes
 from difffeat.utils.runtime import seeded, torch_threads
 
 ArrayLike = Any  # numpy array, np.memmap or torch.Tensor; kept loose because callers pass whatever the store returns
 Loss = Literal["bce", "ce"]
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-feature (mean, std) of the train features
 
 _EVAL_CHUNK = 8192  # rows per forward at evaluation/prediction: bounds activation memory for wide heads
 
@@ -197,6 +199,52 @@ def check_val_targets(val_targets: torch.Tensor, loss: Loss) -> None:
         raise ValueError("validation targets have no positive label: mAP is undefined, early stopping impossible")
 
 
+class Prepared(NamedTuple):
+    """Cached features and labels as the loop wants them (see ``prepare``)."""
+
+    inputs: list[torch.Tensor]
+    val_inputs: list[torch.Tensor]
+    targets: torch.Tensor
+    val_targets: torch.Tensor
+    stats: list[Stats]
+    num_classes: int
+
+
+def prepare(
+    train_feats: Sequence[ArrayLike], train_y: ArrayLike, val_feats: Sequence[ArrayLike], val_y: ArrayLike, loss: Loss,
+    standardize: bool,
+) -> Prepared:  # fmt: skip
+    """Feature arrays as float32 tensors standardised with their own train statistics, targets as ``loss`` wants
+    them, and the number of classes (for "ce", enough for every index seen in train or val).
+
+    The arrays describe the same samples (equal row counts per split), and each val array has its train array's
+    width. Each raw float32 copy is dropped once standardised, so peak memory holds about one copy of the set.
+    """
+    _check_shapes(train_feats, val_feats)
+    stats, inputs = [], []
+    for x in train_feats:
+        x = to_float32(x)
+        stats.append(feature_stats(x, standardize))
+        inputs.append(apply_stats(x, *stats[-1]))
+    val_inputs = [apply_stats(to_float32(x), *st) for x, st in zip(val_feats, stats, strict=True)]
+    y, vy = as_targets(train_y, loss, inputs[0].shape[0]), as_targets(val_y, loss, val_inputs[0].shape[0])
+    num_classes = y.shape[1] if loss == "bce" else int(max(y.max(), vy.max())) + 1
+    return Prepared(inputs, val_inputs, y, vy, stats, num_classes)
+
+
+def _check_shapes(train_feats: Sequence[ArrayLike], val_feats: Sequence[ArrayLike]) -> None:
+    if len(train_feats) != len(val_feats) or not train_feats:
+        raise ValueError(
+            f"need the same non-zero number of train and val inputs, got {len(train_feats)}/{len(val_feats)}"
+        )
+    for split, arrays in (("train", train_feats), ("val", val_feats)):
+        if len({np.shape(x)[0] for x in arrays}) != 1:
+            raise ValueError(f"{split} inputs have different row counts: {[np.shape(x)[0] for x in arrays]}")
+    for i, (x, vx) in enumerate(zip(train_feats, val_feats, strict=True)):
+        if np.shape(x)[1:] != np.shape(vx)[1:]:
+            raise ValueError(f"input {i}: train has shape {np.shape(x)}, val {np.shape(vx)}")
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -342,34 +390,46 @@ def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) 
     return [nanmean_percent(row) for row in ap]
 
 
-# ---------------------------------------------------------------- persistence
+# ---------------------------------------------------------------- trained heads and their files
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Write tensors as safetensors with ``info`` as JSON metadata (safetensors metadata must be strings)."""
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(path), metadata={"difffeat": json.dumps(info)})
+@dataclass
+class TrainedHead:
+    """What every trained head carries besides its weights and feature statistics: the loss it was trained with
+    (it decides sigmoid or softmax) and how training went. Probe and fusion results extend it."""
+
+    loss: Loss
+    best_score: float
+    best_epoch: int
+    history: list[HistoryRow]
+    seconds: float
+
+    def probabilities(self, model: nn.Module, feats: Sequence[ArrayLike], stats: Sequence[Stats]) -> np.ndarray:
+        """Class probabilities [N, C] of ``model`` on raw features, standardised with their train statistics."""
+        if len(feats) != len(stats):
+            raise ValueError(f"expected {len(stats)} feature arrays, got {len(feats)}")
+        inputs = [apply_stats(to_float32(x), mean, std) for x, (mean, std) in zip(feats, stats, strict=True)]
+        return logits_to_probabilities(forward_chunked(model.to("cpu"), inputs), self.loss)
+
+    def save_with(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor], **info: Any) -> None:
+        """One safetensors file, written atomically; the loss, training summary and ``info`` go in its metadata
+        (safetensors metadata must be strings, so as JSON)."""
+        summary = {"loss": self.loss, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                   "history": [list(row) for row in self.history], "seconds": self.seconds}  # fmt: skip
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(path, save(contiguous, metadata={"difffeat": json.dumps({**info, **summary})}))
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of ``save_tensors``."""
+def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Inverse of ``TrainedHead.save_with``: (tensors, the extra info, ``TrainedHead`` fields as keywords)."""
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         info = json.loads(f.metadata()["difffeat"])
-    return tensors, info
-
-
-def outcome_info(outcome: TrainOutcome) -> dict[str, Any]:
-    """The training summary as JSON-able metadata."""
-    return {
-        "best_score": outcome.best_score,
-        "best_epoch": outcome.best_epoch,
-        "history": [list(row) for row in outcome.history],
-        "seconds": outcome.seconds,
+    fields = {
+        "loss": info.pop("loss"),
+        "best_score": float(info.pop("best_score")),
+        "best_epoch": int(info.pop("best_epoch")),
+        "history": [HistoryRow(int(e), float(l), float(s)) for e, l, s in info.pop("history")],
+        "seconds": float(info.pop("seconds")),
     }
-
-
-def outcome_from_info(info: dict[str, Any]) -> TrainOutcome:
-    """Inverse of ``outcome_info``."""
-    history = [HistoryRow(int(e), float(l), float(s)) for e, l, s in info["history"]]
-    return TrainOutcome(float(info["best_score"]), int(info["best_epoch"]), history, float(info["seconds"]))
+    return tensors, info, fields
