@@ -1,8 +1,8 @@
 """Evaluation metrics for multi-label and single-label classification.
 
 All per-sample work is vectorised (numpy, with torch for the transpose and top-k); Python loops run over classes
-only. On 100k samples x 500 classes the full multi-label evaluation takes seconds, several times faster than a
-per-class ``sklearn.metrics.average_precision_score`` loop (see ``benchmarks/metrics_speed.py``).
+only, because a per-class ``sklearn.metrics.average_precision_score`` loop re-sorts and re-validates per class
+and dominates the evaluation of a large label set (``benchmarks/metrics_speed.py`` compares the two).
 
 Conventions follow the literature so numbers are comparable with published tables:
 

@@ -256,3 +256,18 @@ def test_sweep_groups_cells_by_memory_and_gives_the_same_scores(tmp_path):
         features, BLOCKS, TIMESTEPS, features.y, features.vy, SWEEP_CFG, progress=False, group_bytes=2 * cell_bytes
     )
     np.testing.assert_allclose(one_group.scores, in_pairs.scores, atol=1e-3)
+
+
+def test_sweep_csv_rewrite_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "sweep.csv"
+    path.write_text("block,t,val_score,best_epoch,seconds\n0,0,50.0,3,0.1\n0,1")  # last line cut by a kill
+    before = path.read_text()
+
+    def disk_gone(*args, **kwargs):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr("os.replace", disk_gone)
+    with pytest.raises(OSError, match="rename failed"):
+        run_sweep(Features(), [0], [0], None, None, SWEEP_CFG, csv_path=path, progress=False)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.csv"]

@@ -219,3 +219,29 @@ def test_render_script_counts_colours_to_spot_blank_pages(tmp_path):
     two.putpixel((0, 0), (0, 0, 0))
     two.save(tmp_path / "two.png")
     assert script.distinct_colours(tmp_path / "two.png") == 2
+
+
+def test_a_failed_write_keeps_the_old_files_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    write_metrics_json(tmp_path / "metrics.json", {"mAP": 1.0})
+
+    def disk_gone(*args, **kwargs):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr("os.replace", disk_gone)
+    with pytest.raises(OSError, match="rename failed"):
+        write_metrics_json(tmp_path / "metrics.json", {"mAP": 2.0})
+    assert read_metrics_json(tmp_path / "metrics.json") == {"mAP": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_records_left_out_are_listed_one_by_one(tmp_path):
+    skipped = [{"record": f"img<{i}>", "reason": "cannot decode image", "left out by": "image check (train)"}
+               for i in range(3)]  # fmt: skip
+    common = {"title": "t", "config": {}, "metrics_table": [{"name": "image", "mAP": 1.0}], "ablation_table": [],
+              "heatmaps": {}, "tsne": None, "clustering": [], "search": None, "notes": []}  # fmt: skip
+    text = render_report(tmp_path / "r.html", **common, skipped=skipped).read_text(encoding="utf-8")
+    assert re.findall(r'<section id="(\w+)">', text) == ["metrics", "skipped", "configuration"]
+    assert "3 records, each with its reason" in text
+    assert all(f"<td>img&lt;{i}&gt;</td>" in text for i in range(3)) and text.count("cannot decode image") == 3
+    empty = render_report(tmp_path / "e.html", **common).read_text(encoding="utf-8")
+    assert 'id="skipped"' not in empty

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from difffeat.run.summary import CLEAR_MARGIN, _still_improving_note, claims, still_improving
+from difffeat.run.summary import CLEAR_MARGIN, _still_improving_note, claims, skipped_records, still_improving
 
 GRIDS = {"image": ([0, 1, 2], [0, 100, 500, 999]), "text": ([0, 1], [0, 250, 750])}
 
@@ -74,3 +74,16 @@ def test_probes_and_heads_cut_off_while_improving_are_named(tmp_path):
     note = _still_improving_note(late)
     assert "2 sweep probes" in note and "heads image" in note
     assert _still_improving_note({"probes": [], "heads": []}) is None
+
+
+def test_every_record_left_out_is_listed_with_its_reason():
+    bad = {"train": [("s3", "sample 's3': cannot decode image img3.png")], "val": [], "test": [("t1", "not found")]}
+    exp = SimpleNamespace(
+        data=SimpleNamespace(skipped=[("train/13", "no instance annotation (drop_unannotated=True)")]),
+        store=SimpleNamespace(skipped=lambda split: bad[split]),
+    )
+    assert skipped_records(exp) == [
+        {"record": "train/13", "reason": "no instance annotation (drop_unannotated=True)", "left out by": "reader"},
+        {"record": "s3", "reason": "sample 's3': cannot decode image img3.png", "left out by": "image check (train)"},
+        {"record": "t1", "reason": "not found", "left out by": "image check (test)"},
+    ]

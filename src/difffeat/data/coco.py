@@ -22,6 +22,7 @@ def load_coco(
     val_size: int | float = 5000,
     drop_unannotated: bool = False,
     captions: bool = True,
+    drop_uncaptioned: bool = False,
     check_files: bool = False,
     seed: int = 0,
 ) -> Dataset:
@@ -31,6 +32,8 @@ def load_coco(
     themselves are not contiguous (1..90). Images with no instance annotation are real COCO images with no
     object of the 80 classes: they are kept as all-negative, or dropped with ``drop_unannotated=True``; either
     way they are counted in ``Dataset.notes`` (dropped ones are also listed in ``Dataset.skipped``).
+    Null or blank captions are dropped and counted; an image left without any caption is an error, or with
+    ``drop_uncaptioned=True`` is dropped and listed in ``Dataset.skipped``.
     Sample ids are COCO image ids as strings. ``val_size`` is a count, or a fraction of train if < 1.
     """
     root = Path(root)
@@ -46,7 +49,8 @@ def load_coco(
         path = ann_dir / f"instances_{official}{year}.json"
         samples[ours] = _split_samples(instances[ours], path, root / f"{official}{year}", cat_index)
         if captions:
-            samples[ours] = _attach_captions(samples[ours], ann_dir / f"captions_{official}{year}.json")
+            captions_file = ann_dir / f"captions_{official}{year}.json"
+            samples[ours] = _attach_captions(samples[ours], captions_file, ours, drop_uncaptioned, dataset)
         samples[ours] = _handle_unannotated(samples[ours], ours, drop_unannotated, dataset)
         if check_files:
             check_image_files(samples[ours], path)
@@ -75,15 +79,24 @@ def _categories(instances: dict[str, Any], ann_dir: Path, year: int) -> tuple[li
     return [name for _, name in cats], {cid: i for i, (cid, _) in enumerate(cats)}
 
 
-def _read_captions(path: Path) -> dict[str, list[str]]:
+def _read_captions(path: Path) -> tuple[dict[str, list[str]], int]:
+    """Caption texts per image id, and how many null or blank captions were dropped: as text they would be
+    encoded as if they described the image ("None", or an empty caption averaged in as a zero vector)."""
     if not path.is_file():
         raise DataError(f"COCO captions file not found: {path} (pass captions=False to read labels only)")
     by_image: dict[str, list[str]] = {}
+    dropped = 0
     for ann in _field(read_json(path), "annotations", path, "the file"):
         where = f"caption annotation {ann.get('id')!r}" if isinstance(ann, dict) else "a caption annotation"
-        text = str(_field(ann, "caption", path, where)).strip()
-        by_image.setdefault(str(_field(ann, "image_id", path, where)), []).append(text)
-    return by_image
+        text = _field(ann, "caption", path, where)
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{path}: {where} has a {type(text).__name__} caption, expected a string")
+        texts = by_image.setdefault(str(_field(ann, "image_id", path, where)), [])
+        if text and text.strip():
+            texts.append(text.strip())
+        else:
+            dropped += 1
+    return by_image, dropped
 
 
 def _split_samples(data: dict[str, Any], path: Path, image_dir: Path, cat_index: dict[int, int]) -> list[Sample]:
@@ -107,17 +120,26 @@ def _split_samples(data: dict[str, Any], path: Path, image_dir: Path, cat_index:
     ]
 
 
-def _attach_captions(samples: list[Sample], path: Path) -> list[Sample]:
-    """Captions were asked for, so every image needs at least one, and none may point at an unknown image."""
-    texts = _read_captions(path)
+def _attach_captions(samples: list[Sample], path: Path, split: str, drop: bool, dataset: Dataset) -> list[Sample]:
+    """Captions were asked for, so every image needs at least one (or is dropped and listed, with ``drop``), and
+    none may point at an unknown image. Null or blank captions are dropped and counted in ``Dataset.notes``."""
+    texts, blank = _read_captions(path)
+    dataset.notes[f"blank_captions_{split}"] = blank
     known = {s.id for s in samples}
     for image_id in texts:
         if image_id not in known:
             raise DataError(f"{path}: captions refer to image_id {image_id}, which the instances file does not list")
-    for s in samples:
-        if not any(texts.get(s.id, ())):
-            raise DataError(f"{path}: image {s.id} has no caption (expected five per image)")
-    return [replace(s, captions=tuple(texts[s.id])) for s in samples]
+    bare = [s for s in samples if not texts.get(s.id)]
+    if bare and not drop:
+        only_blank = " (only null or blank ones)" if bare[0].id in texts else ""
+        raise DataError(
+            f"{path}: image {bare[0].id} has no caption{only_blank}; expected five per image "
+            "(data option drop_uncaptioned=True leaves such images out)"
+        )
+    if drop:
+        dataset.skipped.extend((f"{split}/{s.id}", "no caption (drop_uncaptioned=True)") for s in bare)
+        dataset.notes[f"dropped_uncaptioned_{split}"] = len(bare)
+    return [replace(s, captions=tuple(texts[s.id])) for s in samples if texts.get(s.id)]
 
 
 def _handle_unannotated(samples: list[Sample], split: str, drop: bool, dataset: Dataset) -> list[Sample]:

@@ -8,19 +8,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 ImageSource = str | Path | np.ndarray | Callable[[], Image.Image] | Image.Image | None
 
 
 class DataError(ValueError):
-    """Bad dataset input: the message names the file, line or record and what was expected."""
+    """Bad dataset input: the message names the file, line or record and what was expected.
+
+    One line, also when raised in a DataLoader worker: torch re-raises a worker's exception as
+    ``type(exc)(text of the worker's whole traceback)``, every chained cause included, which would bury the one
+    line that matters under several tracebacks; that text is cut back to the original message here.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_original_message(message))
+
+
+def _original_message(message: str) -> str:
+    """The last line of a DataLoader worker's re-raised traceback without its ``module.DataError: `` prefix."""
+    if not (message.startswith("Caught DataError in DataLoader worker") and "\nOriginal Traceback" in message):
+        return message
+    return message.rstrip().splitlines()[-1].partition(": ")[2]
 
 
 @dataclass(frozen=True)
@@ -36,25 +52,49 @@ class Sample:
 
 
 def load_image(sample: Sample) -> Image.Image:
-    """Decode a sample's image as RGB, with an error naming the sample and file when it cannot be read."""
+    """Decode a sample's image as 8-bit RGB, with a one-line error naming the sample and file when it cannot be."""
     src = sample.image
     if src is None:
         raise DataError(f"sample {sample.id!r} has no image")
     if isinstance(src, Image.Image):
-        return src.convert("RGB")
+        return to_rgb(src)
     if isinstance(src, np.ndarray):
-        arr = src if src.ndim == 3 else np.stack([src] * 3, axis=-1)
-        return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).convert("RGB")
+        return to_rgb(Image.fromarray(_to_uint8(src if src.ndim == 3 else np.stack([src] * 3, axis=-1))))
     if callable(src):
-        return src().convert("RGB")
+        return to_rgb(src())
     path = Path(src)
     if not path.is_file():
         raise DataError(f"sample {sample.id!r}: image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"sample {sample.id!r}: cannot decode image {path} ({exc})") from exc
+            return to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"sample {sample.id!r}: refusing to decode image {path}: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"sample {sample.id!r}: cannot decode image {path} ({exc})") from None
+
+
+# What Pillow's decoders raise on a broken or unsupported file (PIL's own UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG/TIFF greyscale ("I" in older Pillow)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale is scaled to 8 bits first: ``convert("RGB")`` clips it, so every value above
+    255 (nearly the whole image) would turn white."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = Image.fromarray(_scale_16bit(np.asarray(image)))
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint16 arrays scaled to 8 bits like 16-bit image files; any other array cast as it is."""
+    return _scale_16bit(array) if array.dtype == np.uint16 else np.ascontiguousarray(array.astype(np.uint8))
+
+
+def _scale_16bit(array: np.ndarray) -> np.ndarray:
+    """0..65535 onto 0..255 (65535 / 257 = 255), rounded."""
+    return np.clip(np.rint(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -144,22 +184,34 @@ def require_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """A file's text: UTF-8, with or without the byte-order mark Excel and Notepad write; any other encoding
+    fails naming the file, line and byte, not with a bare codec message."""
+    path = require_file(path, what)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     """Parse a JSON file; a syntax error reports the file, line and column instead of a bare decoder message."""
-    path = require_file(path, what)
+    text = read_text(path, what)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
 
 def read_lines(path: str | Path, what: str = "text file") -> list[str]:
     """Lines with trailing whitespace and CR removed. Blank lines are kept because several formats align files
     line by line (label files with image lists), and dropping one would silently shift every later record."""
-    path = require_file(path, what)
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip() for line in f.read().splitlines()]
+    return [line.rstrip() for line in read_text(path, what).splitlines()]
 
 
 def check_image_files(samples: Iterable[Sample], source: str | Path) -> None:

@@ -13,6 +13,7 @@ is stable across machines, record order, and records added later.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from difffeat.data.core import (
     carve_val,
     check_image_files,
     read_lines,
+    read_text,
     require_file,
     stable_hash,
 )
@@ -112,16 +114,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _read_csv(path: Path, allowed: set[str]) -> list[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if "labels" not in header or not {"image", "id"} & set(header) or set(header) - allowed:
-            raise DataError(
-                f"{path}: CSV columns {header}; expected 'labels', 'image' (or 'id'), optionally "
-                f"{sorted(allowed - {'image', 'labels'})}"
-            )
-        reader.fieldnames = header
-        rows = [(reader.line_num, row) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(path, "manifest"), newline=""))
+    header = [h.strip() for h in reader.fieldnames or []]
+    if "labels" not in header or not {"image", "id"} & set(header) or set(header) - allowed:
+        raise DataError(
+            f"{path}: CSV columns {header}; expected 'labels', 'image' (or 'id'), optionally "
+            f"{sorted(allowed - {'image', 'labels'})}"
+        )
+    reader.fieldnames = header
+    rows = [(reader.line_num, row) for row in reader]
     return [(line, _csv_record(row, line, path)) for line, row in rows]
 
 

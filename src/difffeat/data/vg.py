@@ -134,6 +134,6 @@ def _read_regions(path: Path) -> dict[str, list[str]]:
         image_id = rec.get("id", rec.get("image_id")) if isinstance(rec, dict) else None
         if image_id is None or not isinstance(rec.get("regions"), list):
             raise DataError(f"{path}: record {k} needs an 'id' (or 'image_id') and a 'regions' list")
-        phrases = (str(r.get("phrase", "")).strip() if isinstance(r, dict) else "" for r in rec["regions"])
-        out.setdefault(str(image_id), []).extend(p for p in phrases if p)
+        phrases = (r.get("phrase") if isinstance(r, dict) else None for r in rec["regions"])
+        out.setdefault(str(image_id), []).extend(p.strip() for p in phrases if isinstance(p, str) and p.strip())
     return out

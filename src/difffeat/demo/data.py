@@ -211,7 +211,7 @@ class DemoParams:
 
 
 def _pick(rng: np.random.Generator, seq: Sequence[T]) -> T:
-    """A uniform draw from a sequence; ``rng.choice`` costs ~10x more on small Python sequences (hot path)."""
+    """A uniform draw from a sequence; ``rng.choice`` turns the sequence into an array on every call (hot path)."""
     return seq[int(rng.integers(len(seq)))]
 
 

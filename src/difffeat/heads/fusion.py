@@ -21,22 +21,13 @@ from torch import nn
 
 from difffeat.heads.train import (
     ArrayLike,
-    HistoryRow,
-    Loss,
+    OneHead,
     TrainConfig,
-    TrainOutcome,
-    apply_stats,
-    as_targets,
-    feature_stats,
-    forward_chunked,
+    TrainedHead,
     init_prior_bias,
-    load_tensors,
-    logits_to_probabilities,
-    outcome_from_info,
-    outcome_info,
-    save_tensors,
-    to_float32,
-    train_head,
+    load_head_file,
+    prepare,
+    train_heads,
 )
 from difffeat.utils.runtime import seeded
 
@@ -120,24 +111,17 @@ class FusionConfig(TrainConfig):
 
 
 @dataclass
-class FusionResult:
+class FusionResult(TrainedHead):
     """A trained fusion head with the per-input train statistics it expects, plus how training went."""
 
     head: FusionHead
     means: list[torch.Tensor]
     stds: list[torch.Tensor]
-    loss: Loss
-    best_score: float
-    best_epoch: int
-    history: list[HistoryRow]
-    seconds: float
 
     @torch.no_grad()
     def predict(self, feats: Sequence[ArrayLike]) -> np.ndarray:
         """Class probabilities [N, C] (sigmoid for bce, softmax for ce) from one feature array per input."""
-        inputs = _standardised(feats, self.means, self.stds)
-        self.head.to("cpu")
-        return logits_to_probabilities(forward_chunked(self.head, inputs), self.loss)
+        return self.probabilities(self.head, feats, list(zip(self.means, self.stds, strict=True)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Head weights under ``head.``, statistics as ``mean.i`` / ``std.i``."""
@@ -148,26 +132,17 @@ class FusionResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as one safetensors file; head shape and training summary travel in its metadata."""
-        outcome = TrainOutcome(self.best_score, self.best_epoch, self.history, self.seconds)
-        save_tensors(path, self.state_dict(), {"head": self.head.spec(), "loss": self.loss, **outcome_info(outcome)})
+        self.save_with(path, self.state_dict(), head=self.head.spec())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FusionResult:
         """Inverse of ``save``."""
-        tensors, info = load_tensors(path)
+        tensors, info, summary = load_head_file(path)
         head = FusionHead(**info["head"])
         head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
         n = len(head.in_dims)
         means, stds = [tensors[f"mean.{i}"] for i in range(n)], [tensors[f"std.{i}"] for i in range(n)]
-        return cls(head.eval(), means, stds, info["loss"], **vars(outcome_from_info(info)))
-
-
-def _standardised(
-    feats: Sequence[ArrayLike], means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    if len(feats) != len(means):
-        raise ValueError(f"expected {len(means)} feature arrays, got {len(feats)}")
-    return [apply_stats(to_float32(x), m, s) for x, m, s in zip(feats, means, stds, strict=True)]
+        return cls(head=head.eval(), means=means, stds=stds, **summary)
 
 
 def _head_kwargs(cfg: FusionConfig) -> dict:
@@ -187,30 +162,11 @@ def fit_fusion(
     (multi-hot + mAP for bce, int indices + top-1 for ce). Deterministic for a given ``cfg.seed``.
     """
     cfg = cfg or FusionConfig()
-    if len(train_feats) != len(val_feats) or not train_feats:
-        raise ValueError(
-            f"need the same non-zero number of train and val inputs, got {len(train_feats)}/{len(val_feats)}"
-        )
-    xs, vxs = [to_float32(x) for x in train_feats], [to_float32(x) for x in val_feats]
-    _check_rows(xs, vxs)
-    y, vy = as_targets(train_y, cfg.loss, xs[0].shape[0]), as_targets(val_y, cfg.loss, vxs[0].shape[0])
-    n_classes = y.shape[1] if cfg.loss == "bce" else int(max(y.max(), vy.max())) + 1
-    stats = [feature_stats(x, cfg.standardize) for x in xs]
-    means, stds = [m for m, _ in stats], [s for _, s in stats]
+    data = prepare(train_feats, train_y, val_feats, val_y, cfg.loss, cfg.standardize)
     with seeded(cfg.seed):
-        head = FusionHead([x.shape[1] for x in xs], n_classes, **_head_kwargs(cfg))
-    init_prior_bias(head.classifier, y, cfg.loss)
-    inputs, val_inputs = _standardised(xs, means, stds), _standardised(vxs, means, stds)
-    del xs, vxs
-    outcome = train_head(head, inputs, y, val_inputs, vy, cfg)
-    return FusionResult(head.cpu(), means, stds, cfg.loss, **vars(outcome))
-
-
-def _check_rows(xs: list[torch.Tensor], vxs: list[torch.Tensor]) -> None:
-    """Every modality must describe the same samples, and train/val widths must agree per modality."""
-    for split, arrays in (("train", xs), ("val", vxs)):
-        if len({x.shape[0] for x in arrays}) != 1:
-            raise ValueError(f"{split} inputs have different row counts: {[x.shape[0] for x in arrays]}")
-    for i, (x, vx) in enumerate(zip(xs, vxs, strict=True)):
-        if x.shape[1] != vx.shape[1]:
-            raise ValueError(f"input {i}: train has {x.shape[1]} dims, val {vx.shape[1]}")
+        head = FusionHead([x.shape[1] for x in data.inputs], data.num_classes, **_head_kwargs(cfg))
+    init_prior_bias(head.classifier, data.targets, cfg.loss)
+    inputs, val_inputs = [x[None] for x in data.inputs], [x[None] for x in data.val_inputs]
+    (outcome,) = train_heads(OneHead(head), inputs, data.targets, val_inputs, data.val_targets, cfg)
+    means, stds = [mean for mean, _ in data.stats], [std for _, std in data.stats]
+    return FusionResult(head=head.cpu(), means=means, stds=stds, loss=cfg.loss, **vars(outcome))

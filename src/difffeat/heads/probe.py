@@ -9,6 +9,7 @@ and fitting dozens of cells.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -23,22 +24,14 @@ from torch import nn
 from difffeat.heads.train import (
     ArrayLike,
     HistoryRow,
-    Loss,
     TrainConfig,
-    TrainOutcome,
-    apply_stats,
-    as_targets,
-    feature_stats,
-    forward_chunked,
+    TrainedHead,
     init_prior_bias,
-    load_tensors,
-    logits_to_probabilities,
-    outcome_from_info,
-    outcome_info,
-    save_tensors,
-    to_float32,
-    train_stacked,
+    load_head_file,
+    prepare,
+    train_heads,
 )
+from difffeat.utils.io import atomic_write_text
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
 
@@ -58,33 +51,22 @@ class ProbeConfig(TrainConfig):
 
 
 @dataclass
-class ProbeResult:
-    """A trained probe: ``linear`` applied to ``(x - mean) / std``, plus how training went.
+class ProbeResult(TrainedHead):
+    """A trained probe: ``linear`` applied to ``(x - mean) / std``, plus how training went (``TrainedHead``).
 
     Attributes:
         linear: the head, holding the best-validation weights.
         mean, std: per-feature train statistics (zeros/ones when not standardised).
-        loss: "bce" or "ce"; decides sigmoid vs softmax in ``predict``.
-        best_score: validation mAP (bce) or top-1 (ce) in percent, at ``best_epoch`` (1-based).
-        history: one row per evaluated epoch.
-        seconds: training wall time.
     """
 
     linear: nn.Linear
     mean: torch.Tensor
     std: torch.Tensor
-    loss: Loss
-    best_score: float
-    best_epoch: int
-    history: list[HistoryRow]
-    seconds: float
 
     @torch.no_grad()
     def predict(self, x: ArrayLike) -> np.ndarray:
         """Class probabilities [N, C] (sigmoid for bce, softmax for ce), standardising with the train statistics."""
-        features = apply_stats(to_float32(x), self.mean, self.std)
-        self.linear.to("cpu")
-        return logits_to_probabilities(forward_chunked(self.linear, [features]), self.loss)
+        return self.probabilities(self.linear, [x], [(self.mean, self.std)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors needed to rebuild the probe."""
@@ -92,18 +74,16 @@ class ProbeResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as one safetensors file; the training summary travels in its metadata."""
-        outcome = TrainOutcome(self.best_score, self.best_epoch, self.history, self.seconds)
-        save_tensors(path, self.state_dict(), {"loss": self.loss, **outcome_info(outcome)})
+        self.save_with(path, self.state_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ProbeResult:
         """Inverse of ``save``."""
-        tensors, info = load_tensors(path)
+        tensors, _, summary = load_head_file(path)
         n_classes, dim = tensors["weight"].shape
         linear = nn.Linear(dim, n_classes)
         linear.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
-        outcome = outcome_from_info(info)
-        return cls(linear.eval(), tensors["mean"], tensors["std"], info["loss"], **vars(outcome))
+        return cls(linear=linear.eval(), mean=tensors["mean"], std=tensors["std"], **summary)
 
 
 def fit_probe(
@@ -149,27 +129,23 @@ def fit_probes(
     """``fit_probe`` on each of several feature sets of one width (same rows, same labels), trained together.
 
     Each probe gets the initialisation, batches, updates and early stopping it would get alone (up to float
-    rounding), but the K probes take one optimiser step per batch instead of K: on demo-sized data (5 000 rows,
-    36 probes) about twice as fast as one after another (``benchmarks/sweep_probes.py``).
+    rounding), but the K probes take one optimiser step per batch instead of K: a probe on a few thousand rows
+    costs per-step overhead more than arithmetic (``benchmarks/sweep_probes.py`` measures the difference).
     """
     cfg = cfg or ProbeConfig()
-    xs, vxs = [to_float32(x) for x in train_xs], [to_float32(x) for x in val_xs]
-    if len({x.shape[1] for x in (*xs, *vxs)}) != 1:
-        raise ValueError(f"feature sets differ in width: {sorted({x.shape[1] for x in (*xs, *vxs)})}")
-    y, vy = as_targets(train_y, cfg.loss, xs[0].shape[0]), as_targets(val_y, cfg.loss, vxs[0].shape[0])
-    n_classes = y.shape[1] if cfg.loss == "bce" else int(max(y.max(), vy.max())) + 1
-    stats = [feature_stats(x, cfg.standardize) for x in xs]
+    data = prepare(train_xs, train_y, val_xs, val_y, cfg.loss, cfg.standardize)
+    if len({x.shape[1] for x in data.inputs}) != 1:
+        raise ValueError(f"feature sets differ in width: {sorted({x.shape[1] for x in data.inputs})}")
     with seeded(cfg.seed):
-        linear = nn.Linear(xs[0].shape[1], n_classes)  # the init fit_probe draws, shared by every probe
-    init_prior_bias(linear, y, cfg.loss)
-    stacked = StackedLinear(linear, len(xs))
-    train = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(xs, stats, strict=True)])
-    val = torch.stack([apply_stats(x, m, sd) for x, (m, sd) in zip(vxs, stats, strict=True)])
-    outcomes = train_stacked(stacked, train, y, val, vy, cfg)
+        linear = nn.Linear(data.inputs[0].shape[1], data.num_classes)  # the init fit_probe draws, shared by all
+    init_prior_bias(linear, data.targets, cfg.loss)
+    stacked = StackedLinear(linear, len(data.inputs))
+    train, val = torch.stack(data.inputs), torch.stack(data.val_inputs)
+    outcomes = train_heads(stacked, [train], data.targets, [val], data.val_targets, cfg)
     stacked.cpu()
     return [
-        ProbeResult(stacked.head(i), m, sd, cfg.loss, **vars(o))
-        for i, ((m, sd), o) in enumerate(zip(stats, outcomes, strict=True))
+        ProbeResult(linear=stacked.head(i), mean=mean, std=std, loss=cfg.loss, **vars(outcome))
+        for i, ((mean, std), outcome) in enumerate(zip(data.stats, outcomes, strict=True))
     ]
 
 
@@ -285,12 +261,11 @@ def _read_rows(path: Path) -> dict[tuple[int, int], SweepRow]:
             row = _parse_row(record)
             if row is not None:
                 rows[row.block, row.t] = row
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(_CSV_FIELDS)
-        writer.writerows(_csv_values(row) for row in rows.values())
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(_CSV_FIELDS)
+    writer.writerows(_csv_values(row) for row in rows.values())
+    atomic_write_text(path, text.getvalue())
     return rows
 
 

@@ -6,8 +6,8 @@ of epochs, and early stopping on the validation score with the best weights rest
 means a probe score and a fusion score are always comparable: they differ only in the head, never in the recipe.
 
 Features arrive as cached arrays (numpy, ``np.memmap`` in float16/float32, or tensors). They are converted once to
-float32 tensors and standardised once, so an epoch is a handful of large matrix multiplications and the whole fit
-takes seconds on a CPU.
+float32 tensors and standardised once, so an epoch is a handful of large matrix multiplications rather than a
+conversion per batch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from difffeat.metrics import (
@@ -32,10 +32,12 @@ from difffeat.metrics import (
     nanmean_percent,
     single_label_metrics,
 )
+from difffeat.utils.io import atomic_write_bytes
 from difffeat.utils.runtime import seeded, torch_threads
 
 ArrayLike = Any  # numpy array, np.memmap or torch.Tensor; kept loose because callers pass whatever the store returns
 Loss = Literal["bce", "ce"]
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-feature (mean, std) of the train features
 
 _EVAL_CHUNK = 8192  # rows per forward at evaluation/prediction: bounds activation memory for wide heads
 
@@ -55,8 +57,8 @@ class TrainConfig:
         seed: seeds initialisation, shuffling and dropout; same inputs and seed give an identical result.
         device: torch device to train on.
         num_threads: torch CPU threads while fitting (restored afterwards); None leaves torch's setting. On a
-            shared or oversubscribed CPU, 1 can be many times faster: busy cores stall the OpenMP barriers that
-            every small multi-threaded op waits on.
+            shared or oversubscribed CPU 1 is often fastest: every small multi-threaded op waits at an OpenMP
+            barrier, which a busy core stalls.
         loss: "bce" for multi-label {0,1} targets [N, C] (val score: mAP), "ce" for int targets [N]
             (val score: top-1 accuracy); both in percent.
     """
@@ -90,7 +92,7 @@ class HistoryRow(NamedTuple):
 
 @dataclass
 class TrainOutcome:
-    """What ``train_head`` reports; the model it was given already holds the best weights."""
+    """What ``train_heads`` reports per head; the model it was given already holds the best weights."""
 
     best_score: float
     best_epoch: int
@@ -166,14 +168,15 @@ def init_prior_bias(linear: nn.Linear, targets: torch.Tensor, loss: Loss) -> Non
 
 
 @torch.no_grad()
-def forward_chunked(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Logits for all rows, in chunks so a wide head never materialises [N, width] for the whole set at once."""
+def forward_chunked(model: nn.Module, inputs: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Logits for all rows (along ``dim``), in chunks so a wide head never materialises [N, width] for the whole
+    set at once."""
     was_training = model.training
     model.eval()
-    n = inputs[0].shape[0]
-    out = torch.cat([model(*(x[i : i + _EVAL_CHUNK] for x in inputs)) for i in range(0, n, _EVAL_CHUNK)])
+    n = inputs[0].shape[dim]
+    chunks = [model(*(x.narrow(dim, i, min(_EVAL_CHUNK, n - i)) for x in inputs)) for i in range(0, n, _EVAL_CHUNK)]
     model.train(was_training)
-    return out
+    return torch.cat(chunks, dim=dim)
 
 
 def logits_to_probabilities(logits: torch.Tensor, loss: Loss) -> np.ndarray:
@@ -196,150 +199,168 @@ def check_val_targets(val_targets: torch.Tensor, loss: Loss) -> None:
         raise ValueError("validation targets have no positive label: mAP is undefined, early stopping impossible")
 
 
+class Prepared(NamedTuple):
+    """Cached features and labels as the loop wants them (see ``prepare``)."""
+
+    inputs: list[torch.Tensor]
+    val_inputs: list[torch.Tensor]
+    targets: torch.Tensor
+    val_targets: torch.Tensor
+    stats: list[Stats]
+    num_classes: int
+
+
+def prepare(
+    train_feats: Sequence[ArrayLike], train_y: ArrayLike, val_feats: Sequence[ArrayLike], val_y: ArrayLike, loss: Loss,
+    standardize: bool,
+) -> Prepared:  # fmt: skip
+    """Feature arrays as float32 tensors standardised with their own train statistics, targets as ``loss`` wants
+    them, and the number of classes (for "ce", enough for every index seen in train or val).
+
+    The arrays describe the same samples (equal row counts per split), and each val array has its train array's
+    width. Each raw float32 copy is dropped once standardised, so peak memory holds about one copy of the set.
+    """
+    _check_shapes(train_feats, val_feats)
+    stats, inputs = [], []
+    for x in train_feats:
+        x = to_float32(x)
+        stats.append(feature_stats(x, standardize))
+        inputs.append(apply_stats(x, *stats[-1]))
+    val_inputs = [apply_stats(to_float32(x), *st) for x, st in zip(val_feats, stats, strict=True)]
+    y, vy = as_targets(train_y, loss, inputs[0].shape[0]), as_targets(val_y, loss, val_inputs[0].shape[0])
+    num_classes = y.shape[1] if loss == "bce" else int(max(y.max(), vy.max())) + 1
+    return Prepared(inputs, val_inputs, y, vy, stats, num_classes)
+
+
+def _check_shapes(train_feats: Sequence[ArrayLike], val_feats: Sequence[ArrayLike]) -> None:
+    if len(train_feats) != len(val_feats) or not train_feats:
+        raise ValueError(
+            f"need the same non-zero number of train and val inputs, got {len(train_feats)}/{len(val_feats)}"
+        )
+    for split, arrays in (("train", train_feats), ("val", val_feats)):
+        if len({np.shape(x)[0] for x in arrays}) != 1:
+            raise ValueError(f"{split} inputs have different row counts: {[np.shape(x)[0] for x in arrays]}")
+    for i, (x, vx) in enumerate(zip(train_feats, val_feats, strict=True)):
+        if np.shape(x)[1:] != np.shape(vx)[1:]:
+            raise ValueError(f"input {i}: train has shape {np.shape(x)}, val {np.shape(vx)}")
+
+
 # ---------------------------------------------------------------- the loop
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor | None]:
-    """Row indices per step for one epoch; ``[None]`` means the whole (unshuffled) set in one step."""
-    if batch_size == 0 or batch_size >= n:
-        return [None]
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+class OneHead(nn.Module):
+    """A head ``model(*[B, D_i]) -> [B, C]`` (the fusion head) as the K = 1 case of stacked heads."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(*(x[0] for x in inputs))[None]
 
 
-def _loss_fn(loss: Loss) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if loss == "bce" else nn.CrossEntropyLoss()
-
-
-def train_head(
+def train_heads(
     model: nn.Module,
     inputs: Sequence[torch.Tensor],
     targets: torch.Tensor,
     val_inputs: Sequence[torch.Tensor],
     val_targets: torch.Tensor,
     cfg: TrainConfig,
-) -> TrainOutcome:
-    """Train ``model(*inputs) -> logits`` in place and leave it holding its best-validation weights.
-
-    Inputs must already be float32 and standardised (see ``feature_stats``/``apply_stats``); ``targets`` come
-    from ``as_targets``. The caller seeds module initialisation; this seeds shuffling and dropout from
-    ``cfg.seed``. The cosine schedule is stepped per optimiser step so that mini-batch and full-batch runs
-    follow the same curve over ``cfg.epochs``.
-    """
-    check_val_targets(val_targets, cfg.loss)
-    device = torch.device(cfg.device)
-    model.to(device).train()
-    inputs = [x.to(device) for x in inputs]
-    val_inputs = [x.to(device) for x in val_inputs]
-    targets = targets.to(device)
-    n = inputs[0].shape[0]
-    steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    loss_fn = _loss_fn(cfg.loss)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    start = time.perf_counter()
-    best_score, best_epoch, best_state = -math.inf, 0, None
-    history: list[HistoryRow] = []
-    with seeded(cfg.seed), torch_threads(cfg.num_threads):
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_loss = _train_epoch(model, inputs, targets, optimizer, schedule, loss_fn, cfg.batch_size, generator)
-            if epoch % cfg.eval_every and epoch != cfg.epochs:
-                continue
-            score = val_score(forward_chunked(model, val_inputs), val_targets, cfg.loss)
-            history.append(HistoryRow(epoch, epoch_loss, score))
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch - best_epoch >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainOutcome(best_score, best_epoch, history, time.perf_counter() - start)
-
-
-def train_stacked(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    val_inputs: torch.Tensor,
-    val_targets: torch.Tensor,
-    cfg: TrainConfig,
 ) -> list[TrainOutcome]:
-    """``train_head`` for K independent heads stacked on a leading axis, trained in one loop.
+    """Train K heads stacked on a leading axis in place; each ends holding its best-validation weights.
 
-    ``model`` maps [K, B, D] to logits [K, B, C], and every parameter and buffer has K on its first axis. The loss
-    is the sum of the K per-head losses, so each head gets exactly its own gradient and, AdamW being elementwise,
-    its own update: head k follows the trajectory ``train_head`` would give it alone (same seed, same batches),
-    up to float rounding. Early stopping is per head (a stopped head's best weights are frozen); the loop ends
-    when every head has stopped. One step for K heads instead of K steps is the point: a probe on a few thousand
-    rows is bound by per-step overhead, not arithmetic.
+    ``model`` maps one [K, B, D_i] tensor per input to logits [K, B, C]; with K > 1 every parameter and buffer has
+    K on its first axis (a single head of any shape is ``OneHead``). Inputs must already be float32 and
+    standardised (``feature_stats``/``apply_stats``), targets come from ``as_targets``. The caller seeds module
+    initialisation; this seeds shuffling and dropout from ``cfg.seed``.
+
+    The loss is the sum of the K per-head losses, so each head gets exactly its own gradient and, AdamW being
+    elementwise, its own update: head k follows the trajectory it would follow alone (same seed, same batches),
+    up to float rounding, and stops early on its own. One step for K heads instead of K steps is the point: a
+    probe on a few thousand rows is bound by per-step overhead, not arithmetic. The cosine schedule is stepped
+    per optimiser step so that mini-batch and full-batch runs follow the same curve over ``cfg.epochs``.
     """
     check_val_targets(val_targets, cfg.loss)
     device = torch.device(cfg.device)
     model.to(device).train()
-    k, n = inputs.shape[0], inputs.shape[1]
-    inputs = inputs.transpose(0, 1).contiguous().to(device)  # [N, K, D]: see _train_stacked_epoch
-    val_inputs, targets = val_inputs.to(device), targets.to(device)
-    buffer = torch.empty_like(inputs)
+    k, n = inputs[0].shape[:2]
+    rows_first = [x.transpose(0, 1).contiguous().to(device) for x in inputs]  # [N, K, D_i]: see _train_epoch
+    val_inputs, targets = [x.to(device) for x in val_inputs], targets.to(device)
+    shuffled = [torch.empty_like(x) for x in rows_first] if 0 < cfg.batch_size < n else None
     steps_per_epoch = 1 if cfg.batch_size == 0 else math.ceil(n / cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)
-
     start = time.perf_counter()
-    best = [-math.inf] * k
-    best_epoch, stopped = [0] * k, [False] * k
-    best_state = {name: v.detach().clone() for name, v in model.state_dict().items()}
-    history: list[list[HistoryRow]] = [[] for _ in range(k)]
+    best = _BestWeights(model, k)
     with seeded(cfg.seed), torch_threads(cfg.num_threads):
         for epoch in range(1, cfg.epochs + 1):
-            losses = _train_stacked_epoch(model, inputs, targets, optimizer, schedule, cfg, generator, buffer)
+            losses = _train_epoch(model, rows_first, targets, optimizer, schedule, cfg, generator, shuffled)
             if epoch % cfg.eval_every and epoch != cfg.epochs:
                 continue
-            scores = stacked_val_scores(forward_stacked(model, val_inputs), val_targets, cfg.loss)
-            for i in (i for i in range(k) if not stopped[i]):
-                history[i].append(HistoryRow(epoch, losses[i], scores[i]))
-                if scores[i] > best[i]:
-                    best[i], best_epoch[i] = scores[i], epoch
-                    for name, v in model.state_dict().items():
-                        best_state[name][i] = v[i]
-                elif epoch - best_epoch[i] >= cfg.patience:
-                    stopped[i] = True
-            if all(stopped):
+            scores = stacked_val_scores(forward_chunked(model, val_inputs, dim=1), val_targets, cfg.loss)
+            if best.update(model, epoch, losses, scores, cfg.patience):
                 break
-    model.load_state_dict(best_state)
+    model.load_state_dict(best.state)
     model.eval()
     seconds = (time.perf_counter() - start) / k
-    return [TrainOutcome(best[i], best_epoch[i], history[i], seconds) for i in range(k)]
+    return [TrainOutcome(best.score[i], best.epoch[i], best.history[i], seconds) for i in range(k)]
 
 
-def _train_stacked_epoch(
+class _BestWeights:
+    """Per-head early stopping: each head's best score, its epoch and weights; a stopped head is frozen."""
+
+    def __init__(self, model: nn.Module, k: int):
+        self.k = k
+        self.score, self.epoch, self.stopped = [-math.inf] * k, [0] * k, [False] * k
+        self.history: list[list[HistoryRow]] = [[] for _ in range(k)]
+        self.state = {name: v.detach().clone() for name, v in model.state_dict().items()}
+
+    def update(self, model: nn.Module, epoch: int, losses: list[float], scores: list[float], patience: int) -> bool:
+        """Record one evaluation; True once every head has stopped."""
+        for i in (i for i in range(self.k) if not self.stopped[i]):
+            self.history[i].append(HistoryRow(epoch, losses[i], scores[i]))
+            if scores[i] > self.score[i]:
+                self.score[i], self.epoch[i] = scores[i], epoch
+                self._keep(model, i)
+            elif epoch - self.epoch[i] >= patience:
+                self.stopped[i] = True
+        return all(self.stopped)
+
+    def _keep(self, model: nn.Module, i: int) -> None:
+        for name, v in model.state_dict().items():
+            if self.k == 1:  # a single head's tensors need not have a leading K axis
+                self.state[name].copy_(v)
+            else:
+                self.state[name][i] = v[i]
+
+
+def _train_epoch(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: list[torch.Tensor],
     targets: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
     generator: torch.Generator,
-    buffer: torch.Tensor,
+    shuffled: list[torch.Tensor] | None,
 ) -> list[float]:
     """One pass over the train set for all K heads; returns each head's row-weighted mean loss.
 
-    ``inputs`` is [N, K, D] (rows first), shuffled once per epoch with the permutation ``_batches`` draws, so
-    every batch is a contiguous slice: gathering rows of a [K, N, D] tensor per step cost more than the heads.
-    The shuffled copy goes into the same ``buffer`` every epoch (a fresh allocation each time was 3x slower).
+    ``inputs`` are [N, K, D_i] (rows first), shuffled once per epoch into the ``shuffled`` buffers, so every batch
+    is a contiguous slice: gathering rows of a [K, N, D] tensor per step cost more than the heads, and a fresh
+    allocation per epoch cost more than reusing one.
     """
-    n = inputs.shape[0]
-    batches = _batches(n, cfg.batch_size, generator)
-    if batches != [None]:
-        order = torch.cat(batches).to(targets.device)
-        inputs, targets = torch.index_select(inputs, 0, order, out=buffer), targets[order]
-    size = n if batches == [None] else cfg.batch_size
-    total, rows = torch.zeros(inputs.shape[1], dtype=torch.float64), 0
+    n = inputs[0].shape[0]
+    size = cfg.batch_size if shuffled is not None else n
+    if shuffled is not None:
+        order = torch.randperm(n, generator=generator).to(targets.device)
+        inputs = [torch.index_select(x, 0, order, out=buf) for x, buf in zip(inputs, shuffled, strict=True)]
+        targets = targets[order]
+    total, rows = torch.zeros(inputs[0].shape[1], dtype=torch.float64), 0
     for start in range(0, n, size):
-        batch, batch_targets = inputs[start : start + size], targets[start : start + size]
-        per_head = _stacked_loss(model(batch.transpose(0, 1)), batch_targets, cfg.loss)
+        batch, batch_targets = [x[start : start + size].transpose(0, 1) for x in inputs], targets[start : start + size]
+        per_head = _stacked_loss(model(*batch), batch_targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         per_head.sum().backward()
         optimizer.step()
@@ -359,17 +380,6 @@ def _stacked_loss(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> to
     return flat.reshape(k, b).mean(dim=1)
 
 
-@torch.no_grad()
-def forward_stacked(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits [K, N, C] for all rows, in row chunks (see ``forward_chunked``)."""
-    was_training = model.training
-    model.eval()
-    n = inputs.shape[1]
-    out = torch.cat([model(inputs[:, i : i + _EVAL_CHUNK]) for i in range(0, n, _EVAL_CHUNK)], dim=1)
-    model.train(was_training)
-    return out
-
-
 def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) -> list[float]:
     """``val_score`` of each head; for mAP the K heads' classes are ranked in one call (one AP per column)."""
     k, n, c = logits.shape
@@ -380,62 +390,46 @@ def stacked_val_scores(logits: torch.Tensor, targets: torch.Tensor, loss: Loss) 
     return [nanmean_percent(row) for row in ap]
 
 
-def _train_epoch(
-    model: nn.Module,
-    inputs: list[torch.Tensor],
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    batch_size: int,
-    generator: torch.Generator,
-) -> float:
-    """One pass over the train set; returns the row-weighted mean loss."""
-    total, rows = 0.0, 0
-    for idx in _batches(inputs[0].shape[0], batch_size, generator):
-        if idx is None:
-            batch, batch_targets = inputs, targets
-        else:
-            idx = idx.to(targets.device)
-            batch, batch_targets = [x[idx] for x in inputs], targets[idx]
-        loss = loss_fn(model(*batch), batch_targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total += loss.item() * batch_targets.shape[0]
-        rows += batch_targets.shape[0]
-    return total / rows
+# ---------------------------------------------------------------- trained heads and their files
 
 
-# ---------------------------------------------------------------- persistence
+@dataclass
+class TrainedHead:
+    """What every trained head carries besides its weights and feature statistics: the loss it was trained with
+    (it decides sigmoid or softmax) and how training went. Probe and fusion results extend it."""
+
+    loss: Loss
+    best_score: float
+    best_epoch: int
+    history: list[HistoryRow]
+    seconds: float
+
+    def probabilities(self, model: nn.Module, feats: Sequence[ArrayLike], stats: Sequence[Stats]) -> np.ndarray:
+        """Class probabilities [N, C] of ``model`` on raw features, standardised with their train statistics."""
+        if len(feats) != len(stats):
+            raise ValueError(f"expected {len(stats)} feature arrays, got {len(feats)}")
+        inputs = [apply_stats(to_float32(x), mean, std) for x, (mean, std) in zip(feats, stats, strict=True)]
+        return logits_to_probabilities(forward_chunked(model.to("cpu"), inputs), self.loss)
+
+    def save_with(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor], **info: Any) -> None:
+        """One safetensors file, written atomically; the loss, training summary and ``info`` go in its metadata
+        (safetensors metadata must be strings, so as JSON)."""
+        summary = {"loss": self.loss, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                   "history": [list(row) for row in self.history], "seconds": self.seconds}  # fmt: skip
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(path, save(contiguous, metadata={"difffeat": json.dumps({**info, **summary})}))
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Write tensors as safetensors with ``info`` as JSON metadata (safetensors metadata must be strings)."""
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(path), metadata={"difffeat": json.dumps(info)})
-
-
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of ``save_tensors``."""
+def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Inverse of ``TrainedHead.save_with``: (tensors, the extra info, ``TrainedHead`` fields as keywords)."""
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         info = json.loads(f.metadata()["difffeat"])
-    return tensors, info
-
-
-def outcome_info(outcome: TrainOutcome) -> dict[str, Any]:
-    """The training summary as JSON-able metadata."""
-    return {
-        "best_score": outcome.best_score,
-        "best_epoch": outcome.best_epoch,
-        "history": [list(row) for row in outcome.history],
-        "seconds": outcome.seconds,
+    fields = {
+        "loss": info.pop("loss"),
+        "best_score": float(info.pop("best_score")),
+        "best_epoch": int(info.pop("best_epoch")),
+        "history": [HistoryRow(int(e), float(l), float(s)) for e, l, s in info.pop("history")],
+        "seconds": float(info.pop("seconds")),
     }
-
-
-def outcome_from_info(info: dict[str, Any]) -> TrainOutcome:
-    """Inverse of ``outcome_info``."""
-    history = [HistoryRow(int(e), float(l), float(s)) for e, l, s in info["history"]]
-    return TrainOutcome(float(info["best_score"]), int(info["best_epoch"]), history, float(info["seconds"]))
+    return tensors, info, fields

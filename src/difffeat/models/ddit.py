@@ -1,7 +1,7 @@
 """DDiT: the text diffusion transformer of SEDD (Lou et al. 2024), also MDLM's backbone (Sahoo et al. 2024).
 
 One readable file in the style of DiT's ``models.py``. Module and parameter names are exactly SEDD's, so the
-``state_dict()`` keys are the official ones (``reference/checkpoints.md`` §4.2) and SEDD hub files load unchanged;
+``state_dict()`` keys are the official ones (SEDD's ``model/transformer.py``) and SEDD hub files load unchanged;
 MDLM files only need their ``backbone.`` prefix stripped. Parameters are registered in SEDD's order, which
 matters: EMA shadow lists in training checkpoints are in ``parameters()`` order.
 

@@ -1,12 +1,12 @@
 """Our DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") with the official numerics.
 
 Why our own module rather than diffusers' ``DiTTransformer2DModel``: the released weights were trained with the
-official code, and diffusers' port differs from it in two constants (timestep frequencies over 127 instead of
-128, and pre-MLP LayerNorm eps 1e-5 instead of 1e-6; ``checkpoints.md`` §3.4). Features taken from a
-foundation model should be the ones it was trained to produce, so ``numerics="official"`` is the default and
-``numerics="diffusers"`` exists only to reproduce diffusers bit-for-bit. We also need a forward that stops after
-the deepest block asked for, and a state dict whose keys are exactly the official ones, so official files load
-with a strict load and every other layout is converted to it.
+official code, and diffusers' port differs from it in two constants (timestep frequencies over 127 instead of 128 in
+its ``Timesteps(downscale_freq_shift=1)``, and pre-MLP LayerNorm ``norm_eps`` 1e-5 instead of 1e-6). Features taken
+from a foundation model should be the ones it was trained to produce, so ``numerics="official"`` is the default and
+``numerics="diffusers"`` exists only to reproduce diffusers bit-for-bit. We also need a forward that stops after the
+deepest block asked for, and a state dict whose keys are exactly the official ones, so official files load with a
+strict load and every other layout is converted to it.
 
 Shapes: N batch, C channels, T = (input_size / patch_size)² tokens, D hidden size.
 """
@@ -356,7 +356,7 @@ def _per_sample(value: torch.Tensor | int | float, n: int, name: str, device: to
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Layout conversion official <-> diffusers (checkpoints.md §3.5)
+# Layout conversion official <-> diffusers (the key mapping of diffusers' scripts/convert_dit_to_diffusers.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 _TOP_TO_DIFFUSERS = {

@@ -72,8 +72,8 @@ class LatentEncoder:
     """``latent_dist.sample() * scale`` with the posterior noise drawn per sample from (seed, id), so a sample's
     latent is the same in any batch; ``sample=False`` takes the posterior mean instead.
 
-    The VAE runs in channels-last memory format: its convolutions are faster that way with oneDNN and cuDNN
-    (1.14-1.18x for the SD-VAE encoder on the idle 2-core CPU, side by side), with the same results to ~1e-5.
+    The VAE runs in channels-last memory format: oneDNN and cuDNN pick faster convolution kernels for it
+    (``benchmarks/README.md``, section 1), and the results are the same up to float rounding.
     """
 
     def __init__(self, vae, scaling_factor: float | None = None, sample: bool = True):

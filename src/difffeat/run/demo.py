@@ -42,7 +42,7 @@ def demo_config(out: str = "runs/demo", quick: bool = False) -> RunConfig:
         text=TextModelConfig(ddit=str(DEMO_DDIT), name="demo-ddit"),
         extract=ExtractConfig(batch_size=256, shard_size=2048),
         # 5000 train rows are 5 steps per epoch: at the default lr the probes and heads stop still improving
-        # (image probe val mAP 29.6 after 100 epochs, 35.7 converged). These recipes converge in ~1000 steps.
+        # (benchmarks/README.md, section 8), so the demo raises lr and epochs until they converge.
         probe=ProbeSettings(epochs=200, lr=3e-2, patience=20, num_threads=None),  # sweeps fit many probes at once
         search=SearchSettings(
             mode="grid",

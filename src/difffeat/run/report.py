@@ -12,13 +12,13 @@ import base64
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from difffeat.analysis import CLUSTERING_BETTER
+from difffeat.utils.io import atomic_write_text
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MISSING = "–"
@@ -76,20 +76,11 @@ def _json_key(key: object) -> str:
     return str(key)
 
 
-def _write_atomic(path: str | Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file a resumed run trusts."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
-
-
 def write_metrics_json(path: str | Path, summary: Mapping) -> Path:
     """Write ``summary`` as stable, strict JSON (sorted keys, 2-space indent, NaN -> null)."""
     data = to_jsonable(summary, "summary")
-    return _write_atomic(path, json.dumps(data, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_metrics_json(path: str | Path) -> dict:
@@ -195,6 +186,10 @@ def _search_section(search: Mapping) -> str:
     return _summary_list(items) + details
 
 
+def _skipped_section(skipped: Sequence[Mapping]) -> str:
+    return f"<details><summary>{len(skipped)} records, each with its reason</summary>{_table(skipped)}</details>"
+
+
 def _figures(images: Mapping[str, str | Path]) -> str:
     return "\n".join(_figure(path, name) for name, path in images.items())
 
@@ -241,12 +236,14 @@ def render_report(
     clustering: Sequence[Mapping],
     search: Mapping | None,
     notes: Sequence[str],
+    skipped: Sequence[Mapping] = (),
 ) -> Path:
     """Write one self-contained ``report.html`` and return its path.
 
     Table rows are dicts with a "name" and one key per column (numbers are shown to 2 decimals, None/NaN as a
-    dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. Sections with nothing to show are left out,
-    except configuration and metrics, which every report has.
+    dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. ``skipped`` lists every record left out of
+    the run with its reason (a count alone cannot be checked). Sections with nothing to show are left out, except
+    configuration and metrics, which every report has.
     """
     # What a reader looks for first comes first: results and the run's checks; the configuration closes the page.
     candidates = [
@@ -257,7 +254,9 @@ def render_report(
         ("search", "Local search", _search_section(search) if search else ""),
         ("tsne", "t-SNE", _figure(tsne, "t-SNE of the test features, coloured by class") if tsne else ""),
         ("clustering", "Clustering scores", _table(clustering, CLUSTERING_BETTER) if clustering else ""),
+        ("skipped", "Records left out", _skipped_section(skipped) if skipped else ""),
         ("configuration", "Configuration", _config_section(config)),
     ]
     sections = [section for section in candidates if section[2] or section[0] in ("configuration", "metrics")]
-    return _write_atomic(path, _document(title, sections))
+    atomic_write_text(path, _document(title, sections))
+    return Path(path)

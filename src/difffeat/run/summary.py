@@ -36,8 +36,8 @@ def chosen_cells(out: Path) -> dict[str, tuple[int, int]]:
 
 def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     """Scores on the (block, t) grid: the sweep CSV when there is one, else the cells the search evaluated."""
-    blocks, steps = exp.grid(modality)
-    table = np.full((len(blocks), len(steps)), np.nan)
+    blocks, timesteps = exp.grid(modality)
+    table = np.full((len(blocks), len(timesteps)), np.nan)
     sweep = exp.out / f"sweep_{modality}.csv"
     if sweep.exists():
         with sweep.open() as f:
@@ -45,8 +45,8 @@ def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     else:
         cells = [(*e["key"], e["score"]) for e in search["evaluations"] if e["modality"] == modality]
     for b, t, score in cells:
-        if b in blocks and t in steps and score is not None:
-            table[blocks.index(b), steps.index(t)] = score
+        if b in blocks and t in timesteps and score is not None:
+            table[blocks.index(b), timesteps.index(t)] = score
     return table
 
 
@@ -123,6 +123,14 @@ def _still_improving_note(late: dict[str, list[str]]) -> str | None:
     return "Still improving when training stopped (best epoch in the last tenth): " + "; ".join(parts) + "."
 
 
+def skipped_records(exp) -> list[dict[str, str]]:
+    """Every record left out of the run and why: those the dataset reader dropped (e.g. COCO images without
+    annotation, with ``drop_unannotated``) and images that could not be decoded (``--skip-bad``), per split."""
+    rows = [{"record": record, "reason": reason, "left out by": "reader"} for record, reason in exp.data.skipped]
+    checked = [(split, *row) for split in ("train", "val", "test") for row in exp.store.skipped(split)]
+    return rows + [{"record": i, "reason": why, "left out by": f"image check ({split})"} for split, i, why in checked]
+
+
 CLEAR_MARGIN = 2.0  # points of mAP (or top-1) that count as a clear win over a baseline
 
 
@@ -152,10 +160,10 @@ def claims(
     for m, table in tables.items():
         if not np.isfinite(table).any():
             continue
-        _, steps = grids[m]
-        best_t = steps[int(np.nanargmax(table)) % table.shape[1]]
+        _, timesteps = grids[m]
+        best_t = timesteps[int(np.nanargmax(table)) % table.shape[1]]
         if m == "image":
-            out["image_best_t_below_grid_max"] = best_t < max(steps)
+            out["image_best_t_below_grid_max"] = best_t < max(timesteps)
         elif m == "text":
             out["text_best_step_at_low_noise"] = best_t <= 250
         if np.isfinite(table).all() and m in search.get("best_scores", {}):
@@ -173,13 +181,13 @@ def build_report(exp, seconds: float | None = None) -> None:
     heads = {p.stem: FusionResult.load(p) for p in sorted((exp.out / "heads").glob("*.safetensors"))}
     tables, heatmaps, grids = {}, {}, {}
     for m in exp.modalities:
-        blocks, steps = grids[m] = exp.grid(m)
+        blocks, timesteps = grids[m] = exp.grid(m)
         tables[m] = grid_table(exp, m, search)
         best = tuple(search["best"][m]) if m in search["best"] else None
         path = [tuple(c) for c in search["path"].get(m, [])]
         unit = "block x DDPM t" if m == "image" else "block x noise step"
         heatmaps[f"{m} ({unit})"] = plot_heatmap(
-            tables[m], blocks, steps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
+            tables[m], blocks, timesteps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
         )
     clustering, tsne = analyse_clusters(exp, cells, heads)
     key = "top1" if exp.data.single_label else "mAP"
@@ -189,6 +197,7 @@ def build_report(exp, seconds: float | None = None) -> None:
     checks = claims(results, search, tables, grids, key)
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
+    skipped = skipped_records(exp)
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
@@ -202,6 +211,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "captions_truncated": truncated,
         "still_improving": late,
         "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
+        "skipped_records": skipped,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -210,6 +220,8 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
     if note := _still_improving_note(late):
         notes.append(note)
+    if skipped:
+        notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
     render_report(
         exp.out / "report.html",
         title=f"difffeat: {exp.data.name}",
@@ -221,4 +233,5 @@ def build_report(exp, seconds: float | None = None) -> None:
         clustering=clustering,
         search=search,
         notes=notes,
+        skipped=skipped,
     )
