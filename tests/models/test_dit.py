@@ -17,7 +17,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from safetensors.torch import load_file, save_file
 
-from difffeat.models.common import CheckpointError
+from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.dit import (
     DiT,
     DiTConfig,

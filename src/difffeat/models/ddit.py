@@ -28,15 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.models.common import (
-    CheckpointError,
-    read_json,
-    read_state_dict,
-    resolve_indices,
-    sniff_format,
-    strict_load,
-    timestep_embedding,
-)
+from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, sniff_format, strict_load
+from difffeat.models.common import resolve_indices, timestep_embedding
 
 KINDS = ("sedd", "mdlm")
 FREQ_EMBED_DIM = 256  # GLIDE embedding width fed to sigma_map (SEDD's TimestepEmbedder default)

@@ -24,15 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.models.common import (
-    CheckpointError,
-    read_json,
-    read_state_dict,
-    resolve_indices,
-    sniff_format,
-    strict_load,
-    timestep_embedding,
-)
+from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, sniff_format, strict_load
+from difffeat.models.common import resolve_indices, timestep_embedding
 
 NUMERICS = ("official", "diffusers")
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
