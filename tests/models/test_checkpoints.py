@@ -24,8 +24,10 @@ import torch
 import yaml
 
 from difffeat.models.checkpoints import CheckpointError, Unloaded, read_state_dict
-from difffeat.models.ddit import DDiT, DDiTConfig, load_ddit
-from difffeat.models.dit import DiT, DiTConfig, load_dit
+from difffeat.models.ddit import DDiT, DDiTConfig
+from difffeat.models.ddit_load import load_ddit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import load_dit
 from helpers import randomise
 
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=1, num_heads=6, num_classes=3)
