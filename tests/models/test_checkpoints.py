@@ -367,6 +367,38 @@ def test_non_tensor_entries_are_reported_by_the_strict_load(tmp_path):
         load_dit(tmp_path / "dit.pt")
 
 
+def crafted(name: str) -> object:
+    """Files whose structure is not what a loader expects; each must end in one CheckpointError or a model."""
+    sd = {f"backbone.{k}": v for k, v in randomise(DDiT(TINY_DDIT)).state_dict().items()}
+    record = Reduce(os.system, "true")
+    return {
+        "int key": {0: torch.zeros(1)},
+        "int key in model": {"model": {0: torch.zeros(1)}},
+        "record as a weight": {"state_dict": {**sd, "backbone.vocab_embed.embedding": record}},
+        "record as EMA list": {"model": randomise(DDiT(TINY_DDIT)).state_dict(), "ema": {"shadow_params": record}},
+        "record as EMA entry": {"state_dict": sd, "ema": {"shadow_params": [record] * 40}},
+        "record as hyper_parameters": {"state_dict": sd, "hyper_parameters": record},
+        "records as config values": {"state_dict": sd, "hyper_parameters": {"config": {"time_conditioning": record,
+                                                                                      "model": {"length": record}}}},
+        "a tensor": torch.zeros(3),
+        "a list": [torch.zeros(1)],
+    }[name]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["int key", "int key in model", "record as a weight", "record as EMA list", "record as EMA entry",
+     "record as hyper_parameters", "records as config values", "a tensor", "a list"],
+)  # fmt: skip
+def test_crafted_structures_end_in_one_clear_error(tmp_path, name):
+    torch.save(crafted(name), tmp_path / "odd.ckpt")
+    for load in (load_dit, load_ddit):
+        try:
+            load(tmp_path / "odd.ckpt")
+        except CheckpointError as exc:
+            assert str(exc).startswith(str(tmp_path / "odd.ckpt"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The command line and a run config
 # --------------------------------------------------------------------------------------------------------------

@@ -179,6 +179,24 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: holds {_describe_object(obj)}; expected a state dict (name -> tensor) or a training checkpoint"
         )
+    odd = [key for key in obj if not isinstance(key, str)]
+    if odd:
+        raise CheckpointError(f"{path}: its keys should be names, found {odd[0]!r} ({type(odd[0]).__name__})")
+    return dict(obj)
+
+
+def tensors_by_name(obj: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """``obj`` as the state dict a loader settles on, or one error naming the entries that are not name -> tensor.
+
+    Checked before any config is inferred from shapes, so a foreign or crafted file gets a message, not a crash.
+    """
+    odd_keys = [key for key in obj if not isinstance(key, str)]
+    not_tensors = sorted(str(key) for key, value in obj.items() if not isinstance(value, torch.Tensor))
+    if odd_keys or not_tensors:
+        found = f"keys that are not names: {odd_keys[0]!r}" if odd_keys else ""
+        found = found or f"entries that are not tensors ({len(not_tensors)}): {_preview(not_tensors)}"
+        raise CheckpointError(f"{source}: not a state dict (name -> tensor), {found}; the file looks like "
+                              f"{sniff_format(obj)}")  # fmt: skip
     return dict(obj)
 
 
@@ -278,6 +296,8 @@ def sniff_format(keys: set[str] | Mapping[str, object]) -> str:
         return "a diffusers DiTTransformer2DModel state dict"
     if has("x_embedder.proj") and has("blocks."):
         return "an official DiT state dict"
+    if {"state_dict", "pytorch-lightning_version"} <= keys:
+        return "a PyTorch Lightning checkpoint (an MDLM .ckpt holds a text model)"
     if {"ema", "model"} & keys:
         return "a DiT training checkpoint (dict with 'model'/'ema'; pass it whole, the loader unwraps it)"
     if has("encoder.down_blocks") or has("decoder.up_blocks") or has("quant_conv"):

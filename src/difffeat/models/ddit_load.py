@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, sniff_format, strict_load
+from difffeat.models.checkpoints import (
+    CheckpointError,
+    read_json,
+    read_state_dict,
+    sniff_format,
+    strict_load,
+    tensors_by_name,
+)
 from difffeat.models.ddit import DDiT, DDiTConfig, rotary_inv_freq
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -116,7 +123,7 @@ def _read_folder(folder: Path) -> _Found:
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    sd = read_state_dict(weights)
+    sd = tensors_by_name(read_state_dict(weights), str(weights))
     if raw.get("architecture") == "ddit":
         own = {k: v for k, v in raw.items() if k != "architecture"}
         return _Found(sd, "difffeat DDiT folder", config=_build_config(folder, lambda: DDiTConfig(**own)))
@@ -176,7 +183,8 @@ def _read_file(path: Path) -> _Found:
     """One file: MDLM Lightning ckpt, SEDD training checkpoint, or a bare state dict."""
     obj = read_state_dict(path)
     if isinstance(obj.get("state_dict"), dict):
-        sd = {k: v for k, v in obj["state_dict"].items() if not k.startswith("noise.")}
+        sd = tensors_by_name(obj["state_dict"], f"{path} ('state_dict')")
+        sd = {k: v for k, v in sd.items() if not k.startswith("noise.")}
         return _Found(
             _strip_backbone(sd),
             "MDLM Lightning checkpoint",
@@ -186,10 +194,12 @@ def _read_file(path: Path) -> _Found:
             hints=_mdlm_hparams(obj),
         )
     if isinstance(obj.get("model"), dict):
-        return _Found(dict(obj["model"]), "SEDD training checkpoint", ema=_shadows(obj))
-    if any(k.startswith("backbone.") for k in obj):
-        return _Found(_strip_backbone(obj), "MDLM state dict", mdlm=True)
-    return _Found(obj, "state dict")
+        sd = tensors_by_name(obj["model"], f"{path} ('model')")
+        return _Found(sd, "SEDD training checkpoint", ema=_shadows(obj))
+    sd = tensors_by_name(obj, str(path))
+    if any(k.startswith("backbone.") for k in sd):
+        return _Found(_strip_backbone(sd), "MDLM state dict", mdlm=True)
+    return _Found(sd, "state dict")
 
 
 def _strip_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,17 +208,24 @@ def _strip_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _shadows(obj: dict) -> list[torch.Tensor] | None:
     ema = obj.get("ema")
-    return list(ema["shadow_params"]) if isinstance(ema, dict) and "shadow_params" in ema else None
+    shadows = ema.get("shadow_params") if isinstance(ema, dict) else None
+    return list(shadows) if isinstance(shadows, list | tuple) else None
 
 
 def _mdlm_hparams(obj: dict) -> dict:
-    """Trained length and time conditioning from a Lightning ckpt's saved Hydra config, when it has one."""
-    config = (obj.get("hyper_parameters") or {}).get("config") or {}
+    """Trained length and time conditioning from a Lightning ckpt's saved Hydra config, when it has one.
+
+    Only values of the expected types count: anything else in a pickle may be an unloaded record.
+    """
+    hparams = obj.get("hyper_parameters")
+    config = hparams.get("config") if isinstance(hparams, dict) else None
+    config = config if isinstance(config, dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
     hints = {}
-    if "time_conditioning" in config:
-        hints["time_conditioning"] = bool(config["time_conditioning"])
-    if "length" in (config.get("model") or {}):
-        hints["length"] = int(config["model"]["length"])
+    if isinstance(config.get("time_conditioning"), bool):
+        hints["time_conditioning"] = config["time_conditioning"]
+    if isinstance(model.get("length"), int) and not isinstance(model.get("length"), bool):
+        hints["length"] = model["length"]
     return hints
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, sniff_format, strict_load
+from difffeat.models.checkpoints import (
+    CheckpointError,
+    read_json,
+    read_state_dict,
+    sniff_format,
+    strict_load,
+    tensors_by_name,
+)
 from difffeat.models.dit import DIT_PRESETS, DiT, DiTConfig, sincos_pos_embed_2d
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,10 +293,12 @@ def _fetch_from_hub(source: str | Path) -> Path:
 def _read_file(path: Path) -> _Checkpoint:
     """An official state dict, or a DiT training checkpoint (``find_model`` prefers ``ema`` over ``model``)."""
     sd = read_state_dict(path)
+    source = str(path)
     for wrapper in ("ema", "model"):
         if isinstance(sd.get(wrapper), Mapping):
-            sd = dict(sd[wrapper])
+            sd, source = sd[wrapper], f"{path} ({wrapper!r} weights)"
             break
+    sd = tensors_by_name(sd, source)
     return _Checkpoint(sd, lambda: dit_config_from_state_dict(sd, source=str(path)))
 
 
@@ -321,7 +330,7 @@ def _read_own_folder(path: Path, cfg: dict) -> _Checkpoint:
 def _read_diffusers_weights(path: Path) -> dict[str, torch.Tensor]:
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (path / name).is_file():
-            return read_state_dict(path / name)
+            return tensors_by_name(read_state_dict(path / name), str(path / name))
     raise CheckpointError(
         f"{path}: no diffusion_pytorch_model.safetensors or .bin next to config.json "
         f"(found: {sorted(p.name for p in path.iterdir())})"
