@@ -211,6 +211,15 @@ def test_dit_training_checkpoint_with_namespace(tmp_path):
     assert_same_weights(load_dit(tmp_path / "0400000.pt"), ema)
 
 
+def test_a_checkpoint_that_needs_more_than_tensors_is_read_once(tmp_path, monkeypatch):
+    torch.save(dit_training_checkpoint()[0], tmp_path / "0400000.pt")
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw["weights_only"]) or real_load(*a, **kw))
+    read_state_dict(tmp_path / "0400000.pt")
+    assert calls == [False]  # no weights_only=True attempt that would read every tensor and then fail
+
+
 def test_sedd_training_checkpoint_with_numpy_step(tmp_path):
     ckpt, ema = ddit_training_checkpoint(step=np.int64(10))
     torch.save(ckpt, tmp_path / "checkpoint.pth")

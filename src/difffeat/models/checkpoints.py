@@ -206,10 +206,11 @@ def _load_torch_pickle(path: Path) -> Any:
             f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; TorchScript can run code on "
             "loading, so it is not opened. Save the model's state_dict() with torch.save instead."
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # needs more than tensors: the restricted unpickler decides
-        pass
+    if not _names_more_than_tensors(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # needs more than tensors after all: the restricted unpickler decides
+            pass
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as exc:
@@ -218,6 +219,17 @@ def _load_torch_pickle(path: Path) -> Any:
             f"{path}: not a readable torch checkpoint: the file is {describe_file(path)} "
             f"({type(exc).__name__}: {reason})"
         ) from exc
+
+
+def _names_more_than_tensors(path: Path) -> bool:
+    """Whether the pickle names globals ``weights_only`` refuses, read from the pickle alone (no tensor data).
+
+    A training checkpoint that fails the fast path would otherwise have all its tensors read twice.
+    """
+    try:
+        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) format or unreadable: let the loads decide
+        return False
 
 
 def _is_torchscript(path: Path) -> bool:
