@@ -29,7 +29,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
 from difffeat.features.extract import ImageFeatureExtractor
-from difffeat.models.dit import DiT, dit_config, dit_to_diffusers_state_dict
+from difffeat.models.dit import DiT, dit_config
+from difffeat.models.dit_load import dit_to_diffusers_state_dict
 from difffeat.models.schedule import per_sample_randn
 from difffeat.models.vae import images_to_tensor
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from difffeat.models.dit import DiT, DiTConfig, save_dit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import save_dit
 
 
 def free_port() -> int:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.models.ddit import DDiT, DDiTConfig, save_ddit
-from difffeat.models.dit import DiT, DiTConfig, save_dit
+from difffeat.models.ddit import DDiT, DDiTConfig
+from difffeat.models.ddit_load import save_ddit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import save_dit
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
 CAPTIONS = [

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from difffeat.demo.zoo import DDiTRecipe, DiTRecipe, ddit_loss, train_ddit, train_dit
-from difffeat.models.ddit import load_ddit
-from difffeat.models.dit import load_dit
+from difffeat.models.ddit_load import load_ddit
+from difffeat.models.dit_load import load_dit
 from helpers import CAPTIONS, tiny_tokenizer
 
 DIT = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, batch_size=16, warmup=5, bf16=False)

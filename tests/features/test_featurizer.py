@@ -13,8 +13,9 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 import difffeat
 from difffeat.features.featurizer import Features, ImageFeaturizer, TextFeaturizer
 from difffeat.models import base
-from difffeat.models.dit import DiT, DiTConfig, dit_to_diffusers_state_dict
+from difffeat.models.dit import DiT, DiTConfig
 from difffeat.models.dit_adapter import DiTAdapter
+from difffeat.models.dit_load import dit_to_diffusers_state_dict
 from difffeat.models.schedule import DDPMSchedule, per_sample_randn
 from difffeat.models.vae import images_to_tensor
 from helpers import CAPTIONS, images, randomise, save_tiny_models, tiny_dit
@@ -151,7 +152,7 @@ def test_sources_no_family_recognises_are_clear_errors(tiny_folders, tmp_path):
 
 
 def _save_latent_dit(folder):
-    from difffeat.models.dit import save_dit
+    from difffeat.models.dit_load import save_dit
 
     return save_dit(tiny_dit(in_channels=4), folder / "latent-dit")
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from difffeat.models.common import CheckpointError
-from difffeat.models.ddit import DDiT, DDiTConfig, apply_rotary, attention, load_ddit, rotary_inv_freq, save_ddit
+from difffeat.models.checkpoints import CheckpointError
+from difffeat.models.ddit import DDiT, DDiTConfig, apply_rotary, attention, rotary_inv_freq
+from difffeat.models.ddit_load import load_ddit, save_ddit
 
 TINY = dict(vocab_size=100, hidden_size=64, cond_dim=16, n_heads=4, n_blocks=2, length=32)
 

@@ -20,7 +20,7 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tests.models import tiny_pipelines
 
-from difffeat.models.common import CheckpointError
+from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.describe import describe_source
 from difffeat.models.diffusers_dits import load_diffusers_backbone, sniff_family
 

@@ -17,16 +17,9 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from safetensors.torch import load_file, save_file
 
-from difffeat.models.common import CheckpointError
-from difffeat.models.dit import (
-    DiT,
-    DiTConfig,
-    dit_config,
-    dit_to_diffusers_state_dict,
-    load_dit,
-    save_dit,
-    sincos_pos_embed_2d,
-)
+from difffeat.models.checkpoints import CheckpointError
+from difffeat.models.dit import DiT, DiTConfig, dit_config, sincos_pos_embed_2d
+from difffeat.models.dit_load import dit_to_diffusers_state_dict, load_dit, save_dit
 
 SMALL = {
     "input_size": 8,

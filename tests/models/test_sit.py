@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.helpers import randomise
 
-from difffeat.models.common import CheckpointError
+from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.describe import describe_source
 from difffeat.models.dit import DiT, DiTConfig
 from difffeat.models.sit import SIT_FLOW, SiTBackbone, load_sit

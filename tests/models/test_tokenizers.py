@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from difffeat.models.common import CheckpointError
+from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
 SENTENCES = [

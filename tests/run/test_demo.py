@@ -6,8 +6,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from difffeat.models.ddit import load_ddit
-from difffeat.models.dit import load_dit
+from difffeat.models.ddit_load import load_ddit
+from difffeat.models.dit_load import load_dit
 from difffeat.run.cli import app
 from difffeat.run.demo import DEMO_DDIT, DEMO_DIT
 

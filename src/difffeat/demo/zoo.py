@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import difffeat
-from difffeat.models.ddit import DDiT, DDiTConfig, save_ddit
-from difffeat.models.dit import DiT, DiTConfig, save_dit
+from difffeat.models.ddit import DDiT, DDiTConfig
+from difffeat.models.ddit_load import save_ddit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import save_dit
 from difffeat.models.schedule import DDPMSchedule, LogLinearSchedule
 from difffeat.utils.progress import progress
 

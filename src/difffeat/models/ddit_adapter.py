@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from difffeat.models.base import MASKED, Clean, Layer, hub_id_mentions
-from difffeat.models.ddit import DDiT, load_ddit
+from difffeat.models.ddit import DDiT
+from difffeat.models.ddit_load import load_ddit
 from difffeat.models.schedule import LogLinearSchedule
 from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
 

@@ -48,7 +48,7 @@ def _diffusers_layers(source: str | Path, family: str | None) -> tuple[str, Time
 
 def _dit_layers(path: Path, family: str) -> tuple[str, TimeConvention, list[Layer]]:
     from difffeat.models.base import DDPM
-    from difffeat.models.dit import dit_config_from_state_dict
+    from difffeat.models.dit_load import dit_config_from_state_dict
     from difffeat.models.sit import SIT_FLOW
 
     sd = torch.load(path, map_location="meta", mmap=True, weights_only=True)

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from difffeat.models.base import DDPM, Layer, TimeConvention
-from difffeat.models.common import CheckpointError, resolve_indices
+from difffeat.models.checkpoints import CheckpointError
+from difffeat.models.common import resolve_indices
 from difffeat.models.schedule import per_sample_randn
 
 FLOW = TimeConvention(

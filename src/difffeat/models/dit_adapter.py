@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from difffeat.models.base import DDPM, Clean, Layer, hub_id_mentions
-from difffeat.models.dit import DiT, load_dit
+from difffeat.models.dit import DiT
+from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import DDPMSchedule, per_sample_randn
 from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from difffeat.models.base import Layer, TimeConvention
-from difffeat.models.dit import DiT, DiTConfig, load_dit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import per_sample_randn
 
 SIT_FLOW = TimeConvention(

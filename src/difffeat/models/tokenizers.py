@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from difffeat.models.common import CheckpointError
+from difffeat.models.checkpoints import CheckpointError
 
 SPECIALS = ("none", "eos", "bos_eos")
 SPECIALS_BY_KIND = {"sedd": "eos", "mdlm": "bos_eos"}

@@ -104,7 +104,7 @@ class Experiment:
     @cached_property
     def image_extractor(self):
         from difffeat.features.extract import ImageFeatureExtractor
-        from difffeat.models.dit import load_dit
+        from difffeat.models.dit_load import load_dit
         from difffeat.models.vae import load_vae
 
         m = self.cfg.image
@@ -117,7 +117,7 @@ class Experiment:
     @cached_property
     def text_extractor(self):
         from difffeat.features.extract import TextFeatureExtractor
-        from difffeat.models.ddit import load_ddit
+        from difffeat.models.ddit_load import load_ddit
         from difffeat.models.tokenizers import load_tokenizer
 
         m = self.cfg.text
