@@ -33,12 +33,14 @@ runs it, so the script cannot rot).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.utils import logging as diffusers_logging
+from throughput import truncated_forward_flops
 from torch import nn
 
 from difffeat.data.core import Sample, Split
@@ -63,7 +66,6 @@ from difffeat.models.ddit import DDiT, DDiTConfig
 from difffeat.models.dit import DiT, DiTConfig, dit_config, save_dit
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 from difffeat.models.vae import LatentEncoder
-from throughput import truncated_forward_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_BLOCKS, GRID_TIMESTEPS = (3, 6, 9, 11), (50, 250, 500)  # the 4 x 3 end-to-end grid
@@ -90,7 +92,8 @@ class Sizes:
     matmul_n: int
     min_seconds: float  # each rate is timed over at least this long (after one warm-up call)
     compile_backend: str  # torch.compile backend: inductor; the smoke run traces only ("eager": no C++ build)
-    boxes: dict  # seconds per section
+    boxes: dict  # seconds per section at most (each gets what is left of the budget when less)
+    budget: float  # seconds for all sections; gpu.sh's own time limit is a little above it
     tests: tuple[str, ...]  # pytest arguments
 
 
@@ -100,7 +103,7 @@ FULL = Sizes(
     vae_batches=(64, 256), jpegs=4000, jpeg_wh=(640, 480), workers=(16, 8), grid_blocks=GRID_BLOCKS, e2e_batch=256,
     ddit=DDiTConfig.preset("sedd-medium"), text_length=128, text_batches=(256, 1024), matmul_n=8192, min_seconds=1.5,
     compile_backend="inductor",
-    boxes={"tests": 120, "dit": 80, "input": 40, "vae": 35, "e2e": 100, "ddit": 35, "compile": 80},
+    boxes={"tests": 120, "dit": 80, "input": 40, "vae": 35, "e2e": 100, "ddit": 35, "compile": 150}, budget=440,
     tests=("tests/test_cuda.py",),
 )  # fmt: skip
 SMOKE = Sizes(
@@ -110,7 +113,7 @@ SMOKE = Sizes(
     workers=(2,), grid_blocks=(0, 1, 2, 3), e2e_batch=4, ddit=DDiTConfig(vocab_size=1000, hidden_size=64, cond_dim=32,
     n_heads=4, n_blocks=2, length=32), text_length=32, text_batches=(4,), matmul_n=256, min_seconds=0.0,
     compile_backend="eager",
-    boxes={"tests": 120, "dit": 60, "input": 30, "vae": 30, "e2e": 90, "ddit": 30, "compile": 30},
+    boxes={"tests": 120, "dit": 60, "input": 30, "vae": 30, "e2e": 90, "ddit": 30, "compile": 30}, budget=400,
     tests=("tests/test_cuda.py", "-k", "pinned_round_trip"),
 )  # fmt: skip
 
@@ -320,12 +323,13 @@ def section_compile(ctx: Context) -> None:
     dit = make_dit(s.dit, dev)
     for block in dit.blocks:  # what extract.compile does (features.extract.compile_blocks), backend chosen here
         block.compile(backend=s.compile_backend)
-    for prec in ("bf16", "tf32"):
+    for prec in ("bf16", "tf32"):  # bf16 first: the setting to use, should the time box run out
         for depth in s.depths:
             start = time.perf_counter()
             row = dit_row(ctx, dit, depth, prec, batch, "forward", "compile", flops, peaks, record=False)
             ctx.record(rows=[{**row, "seconds_with_compilation": round(time.perf_counter() - start, 1)}])
-    dit_row(ctx, dit, s.depths[0], "bf16", batch, "extractor", "compile", flops, peaks)
+        if prec == "bf16":
+            dit_row(ctx, dit, s.depths[0], "bf16", batch, "extractor", "compile", flops, peaks)
 
 
 def dit_row(ctx, dit, depth, prec, batch, path, mode, flops, peaks, record: bool = True) -> dict:
@@ -427,26 +431,12 @@ def section_input(ctx: Context) -> None:
 
 def section_e2e(ctx: Context) -> None:
     """``difffeat extract`` end to end, and each of its stages alone at the same settings."""
-    s, dev = ctx.sizes, ctx.device
+    s = ctx.sizes
     paths = ensure_jpegs(ctx)
     models = ctx.work / "models"
-    dit = make_dit(s.dit, dev)
-    vae = make_vae(s.vae, dev)
-    if not (models / "dit" / "model.safetensors").exists():
-        save_dit(dit, models / "dit")
-        vae.save_pretrained(models / "vae")
     grid = [list(s.grid_blocks), list(GRID_TIMESTEPS)]
     workers = max(s.workers)
-    # the stages alone: DiT on random latents (the 4 x 3 grid, bf16), the VAE as the job runs it (fp32), decode
-    latents = torch.randn(s.e2e_batch, s.dit.in_channels, s.dit.input_size, s.dit.input_size, device=dev)
-    extractor = ImageFeatureExtractor(dit, vae, image_size=s.image_size)
-    keys = list(range(s.e2e_batch))
-    with torch.inference_mode():
-        dit_rate = rate(lambda: extractor(latents=latents, blocks=grid[0], timesteps=grid[1], ids=keys, bf16=True,
-                                          keep_on_device=True), s.e2e_batch, dev, s.min_seconds)  # fmt: skip
-        pixels = torch.rand(s.e2e_batch, 3, s.image_size, s.image_size, device=dev) * 2 - 1
-        vae_rate = rate(lambda: extractor.encode(pixels, keys, keep_on_device=True), s.e2e_batch, dev, s.min_seconds)
-    del dit, vae, extractor
+    dit_rate, vae_rate = stage_rates(ctx, models, grid)
     input_rows = [r for r in ctx.earlier("input", "rows", []) if r.get("workers") == workers]
     stages = {"dit_grid_bf16": round(dit_rate, 1), "vae_fp32": round(vae_rate, 1)}
     if input_rows:
@@ -462,8 +452,35 @@ def section_e2e(ctx: Context) -> None:
                images_per_s_without_startup=round(images / busy, 1) if busy else None,
                fraction_of_dit_alone=round(e2e / dit_rate, 3),
                fraction_without_startup=round(images / busy / dit_rate, 3) if busy else None,
-               feature_phase_fraction_of_dit_alone=round(images / feature_phase / dit_rate, 3) if feature_phase else None,
-               slowest_stage=min(stages, key=lambda k: stages[k] or math.inf))  # fmt: skip
+               feature_phase_fraction_of_dit_alone=round(images / feature_phase / dit_rate, 3) if feature_phase
+               else None,
+               slowest_stage=min(stages, key=lambda k: stages[k] or math.inf),
+               sequential_bound=round(sequential_bound(stages), 1))  # fmt: skip
+
+
+def sequential_bound(stages: dict) -> float:
+    """Images/s the job can reach by arithmetic: the latent cache (decode in workers overlapped with the VAE, so
+    the slower of the two) runs over the whole split before the feature pass (the DiT grid) starts."""
+    latents = min(v for k, v in stages.items() if k != "dit_grid_bf16" and v)
+    return 1 / (1 / latents + 1 / stages["dit_grid_bf16"])
+
+
+def stage_rates(ctx: Context, models: Path, grid: list) -> tuple[float, float]:
+    """Images/s of the DiT alone on random latents (the grid, bf16) and of the VAE as the job runs it (fp32);
+    saves both models for the CLI on the way (their memory is freed on return, before the CLI needs its own)."""
+    s, dev = ctx.sizes, ctx.device
+    dit, vae = make_dit(s.dit, dev), make_vae(s.vae, dev)
+    if not (models / "dit" / "model.safetensors").exists():
+        save_dit(dit, models / "dit")
+        vae.save_pretrained(models / "vae")
+    latents = torch.randn(s.e2e_batch, s.dit.in_channels, s.dit.input_size, s.dit.input_size, device=dev)
+    pixels = torch.rand(s.e2e_batch, 3, s.image_size, s.image_size, device=dev) * 2 - 1
+    extractor, keys = ImageFeatureExtractor(dit, vae, image_size=s.image_size), list(range(s.e2e_batch))
+    with torch.inference_mode():
+        dit_rate = rate(lambda: extractor(latents=latents, blocks=grid[0], timesteps=grid[1], ids=keys, bf16=True,
+                                          keep_on_device=True), s.e2e_batch, dev, s.min_seconds)  # fmt: skip
+        vae_rate = rate(lambda: extractor.encode(pixels, keys, keep_on_device=True), s.e2e_batch, dev, s.min_seconds)
+    return dit_rate, vae_rate
 
 
 def run_extract(ctx: Context, paths: list[Path], models: Path, grid: list, workers: int) -> tuple[float, dict]:
@@ -540,8 +557,9 @@ def ddit_flops(cfg: DDiTConfig, length: int) -> float:
 
 
 def _text_row(path: str, batch: int, per_s: float, gflop: float, peak: float) -> dict:
+    tflops = per_s * gflop / 1e3
     return {"model": "ddit", "path": path, "precision": "bf16", "batch": batch, "captions_per_s": round(per_s, 1),
-            "tflops": round(per_s * gflop / 1e3, 2), "mfu_vs_bf16_peak": round(per_s * gflop / 1e3 / peak, 4)}  # fmt: skip
+            "tflops": round(tflops, 2), "mfu_vs_bf16_peak": round(tflops / peak, 4)}  # fmt: skip
 
 
 def _captions(n: int, words: int, vocab_size: int) -> list[str]:
@@ -570,6 +588,7 @@ def _child_env() -> dict:
 
 def _run_section(name: str, ctx: Context) -> None:
     """In the forked child: run the section, leave an error (with traceback) in its part file if it fails."""
+    os.setpgrp()  # its own process group, so the parent can stop it with everything it started
     try:
         SECTIONS[name](ctx)
     except BaseException as exc:  # recorded for the parent; the child exits non-zero either way
@@ -593,7 +612,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or (args.out / "work" if args.smoke else Path("/tmp/difffeat-gpu"))
     work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or sum(sizes.boxes[s] for s in args.sections)
+    budget = args.budget_s or sizes.budget
     results = {"meta": meta(device, args.smoke), "sections": {}}
     deadline = time.monotonic() + budget
     for name in args.sections:
@@ -601,15 +620,23 @@ def main() -> None:
         if left < 5:
             results["sections"][name] = {"status": "skipped", "error": f"out of time (budget {budget:.0f} s)"}
             continue
-        results["sections"][name] = run_child(name, sizes, device, args.out, work, args.smoke, results, left)
+        found, interrupted = run_child(name, sizes, device, args.out, work, args.smoke, results, left)
+        results["sections"][name] = found
         write_json(args.out / "results.json", results)
+        if interrupted:
+            break
     results["meta"]["seconds"] = round(budget - (deadline - time.monotonic()), 1)
     write_json(args.out / "results.json", results)
     bad = [n for n, r in results["sections"].items() if r.get("status") != "ok"]
     log(f"== done in {results['meta']['seconds']} s; sections not ok: {bad or 'none'}; {args.out / 'results.json'}")
 
 
-def run_child(name: str, sizes: Sizes, device, out: Path, work: Path, smoke: bool, results: dict, left: float) -> dict:
+def run_child(
+    name: str, sizes: Sizes, device, out: Path, work: Path, smoke: bool, results: dict, left: float
+) -> tuple[dict, bool]:
+    """Run one section in a forked process group; its results, and whether we were interrupted (Ctrl-C, or
+    gpu.sh's time limit) while it ran. Overrun or interrupted, the whole group goes: DataLoader workers and
+    subprocesses too."""
     box = min(sizes.boxes[name], left)
     part = work / f"part-{name}.json"
     part.unlink(missing_ok=True)
@@ -618,20 +645,28 @@ def run_child(name: str, sizes: Sizes, device, out: Path, work: Path, smoke: boo
     start = time.monotonic()
     proc = mp.get_context("fork").Process(target=_run_section, args=(name, ctx), name=f"gpu-{name}")
     proc.start()
-    proc.join(box)
-    timed_out = proc.is_alive()
-    if timed_out:
-        proc.kill()
+    interrupted = False
+    try:
+        proc.join(box)
+    except KeyboardInterrupt:
+        interrupted = True
+    stopped = proc.is_alive()
+    if stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()  # in case it had not made its group yet
         proc.join()
     found = json.loads(part.read_text()) if part.exists() else {}
-    if timed_out:
-        found["error"] = f"timed out after {box:.0f} s (rows measured so far are kept)"
+    if stopped:
+        what = "interrupted" if interrupted else f"timed out after {box:.0f} s"
+        found["error"] = f"{what} (rows measured so far are kept)"
     elif proc.exitcode != 0 and "error" not in found:
         found["error"] = f"section process exited with {proc.exitcode}"
     found["status"] = "error" if "error" in found else "ok"
     found["seconds"] = round(time.monotonic() - start, 1)
-    log(f"   {name}: {found['status']} in {found['seconds']} s" + (f": {found['error'][:300]}" if "error" in found else ""))
-    return found
+    why = f": {found['error'][:300]}" if "error" in found else ""
+    log(f"   {name}: {found['status']} in {found['seconds']} s{why}")
+    return found, interrupted
 
 
 def meta(device: torch.device, smoke: bool) -> dict:
@@ -640,10 +675,10 @@ def meta(device: torch.device, smoke: bool) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpus": os.cpu_count(), "device": str(device), "smoke": smoke}  # fmt: skip
     if device.type == "cuda":
-        probe = subprocess.run([sys.executable, "-c", "import torch; p = torch.cuda.get_device_properties(0); "
-                                "print(p.name, '|', round(p.total_memory / 2**30, 1), 'GiB |', p.multi_processor_count, "
-                                "'SMs | cuDNN', torch.backends.cudnn.version())"],
-                               capture_output=True, text=True, check=False)  # fmt: skip
+        code = ("import torch; p = torch.cuda.get_device_properties(0); print(p.name, '|', "
+                "round(p.total_memory / 2**30, 1), 'GiB |', p.multi_processor_count, 'SMs | cuDNN', "
+                "torch.backends.cudnn.version(), '| driver CUDA', torch.version.cuda)")  # fmt: skip
+        probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         info["gpu"] = probe.stdout.strip() or probe.stderr.strip()[-500:]
     return info
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The prepared GPU session (issue 16): install the project on the GPU machine, then run benchmarks/gpu.py, whose
+# figures land in OUT/results.json (log: OUT/gpu.log, tests: OUT/pytest.log). Under 8 minutes on one H200.
+#   bash benchmarks/gpu.sh OUT [gpu.py options, e.g. --sections dit e2e]
+# The GPU machine has torch (its own CUDA build, whatever version), transformers, pytest..., but no diffusers and
+# no network: diffusers comes from wheels/ (made here by benchmarks/gpu_wheels.sh, carried along with the tree).
+# Nothing here assumes a torch version, and nothing installs or upgrades torch.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [gpu.py options]}
+shift
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+log="$out/gpu.log"
+py=${PYTHON:-python3}
+{
+    echo "== $(date -u +%FT%TZ) $(hostname); $($py -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || true
+    if ! $py -c "import diffusers" 2>/dev/null; then
+        if ls wheels/*.whl >/dev/null 2>&1; then
+            $py -m pip install -q --no-index --find-links wheels --no-deps wheels/*.whl
+        else
+            echo "warning: no diffusers here and no wheels/ (run benchmarks/gpu_wheels.sh and carry wheels)"
+        fi
+    fi
+    # The package itself: editable, no dependencies, no build isolation (which would try to fetch setuptools).
+    $py -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: editable install failed; using PYTHONPATH=src"
+} 2>&1 | tee "$log"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+timeout --signal=INT --kill-after=15 455 $py benchmarks/gpu.py --out "$out" "$@" 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+echo "== gpu.py exit status $status; results in $out/results.json" | tee -a "$log"
+exit "$status"
