@@ -24,7 +24,10 @@ py=${PYTHON:-python3}
         fi
     fi
     # The package itself: editable, no dependencies, no build isolation (which would try to fetch setuptools).
-    $py -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: editable install failed; using PYTHONPATH=src"
+    # DIFFFEAT_NO_INSTALL=1 skips it (a machine whose environment must not change; PYTHONPATH=src does as well).
+    if [ -z "${DIFFFEAT_NO_INSTALL:-}" ]; then
+        $py -m pip install -q --no-deps --no-build-isolation -e . || echo "warning: editable install failed; using PYTHONPATH=src"
+    fi
 } 2>&1 | tee "$log"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 timeout --signal=INT --kill-after=15 455 $py benchmarks/gpu.py --out "$out" "$@" 2>&1 | tee -a "$log"
