@@ -369,3 +369,23 @@ def test_compiled_blocks_on_device_give_the_eager_features(device, bf16):
     compiled = ImageFeatureExtractor(on(dit, device), compile=True)(**kw)
     for bt in eager:
         assert_scaled_close(compiled[bt], eager[bt], BF16_REL if bf16 else FP32_REL, f"{bt}")
+
+
+@pytest.mark.cuda
+def test_extractors_queue_their_work_without_waiting_for_the_device(device, tmp_path):
+    """With ``keep_on_device`` a batch's extraction must not block the host (so the CPU draws the next noise
+    while the GPU computes): a blocking copy from pageable memory, ``.item()`` and the like raise here."""
+    tok = tiny_tokenizer(tmp_path)
+    image_ex = ImageFeatureExtractor(on(small_dit(), device))
+    text_ex = TextFeatureExtractor(on(small_ddit(tok.vocab_size), device), tok)
+    x0 = torch.randn(4, 4, 8, 8)
+    caps = [[CAPTIONS[0], CAPTIONS[1]], [CAPTIONS[2]]]
+    image_ex(latents=x0, blocks=[1], timesteps=[10], keep_on_device=True)  # first calls: lazy CUDA set-up
+    text_ex(caps, blocks=[-1], timesteps=[300], keep_on_device=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        image_ex(latents=x0, blocks=[1, 3], timesteps=[10, 500], ids=list("abcd"), keep_on_device=True, bf16=True)
+        text_ex(caps, blocks=[0, -1], timesteps=[0, 300], ids=["p", "q"], keep_on_device=True, bf16=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

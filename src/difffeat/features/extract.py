@@ -349,7 +349,7 @@ class TextFeatureExtractor(_Extractor):
         """Mean of each sample's caption rows (identity when every sample has one row)."""
         if len(owner) == n:
             return rows
-        idx = torch.as_tensor(owner, device=rows.device)
+        idx = to_device(torch.as_tensor(owner), rows.device)  # pinned, non-blocking: no wait for the forward
         total = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_add_(0, idx, rows)
-        counts = torch.as_tensor(np.bincount(owner, minlength=n), dtype=rows.dtype, device=rows.device)
+        counts = to_device(torch.as_tensor(np.bincount(owner, minlength=n), dtype=rows.dtype), rows.device)
         return total / counts.view(-1, *([1] * (rows.dim() - 1)))

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from difffeat.utils.runtime import to_device
+
 NUM_DDPM_STEPS = 1000
 LOGLINEAR_EPS = 1e-3
 
@@ -72,9 +74,10 @@ class DDPMSchedule:
         for ti in t_idx:
             self.check_timestep(int(ti))
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        a = torch.from_numpy(self.sqrt_alphas_cumprod[t_idx]).float().to(x0.device).view(shape)
-        s = torch.from_numpy(self.sqrt_one_minus_alphas_cumprod[t_idx]).float().to(x0.device).view(shape)
-        return a * x0 + s * noise.to(device=x0.device, dtype=x0.dtype)
+        # Pinned, non-blocking copies: a plain .to(cuda) from pageable memory waits for every queued kernel.
+        a = to_device(torch.from_numpy(self.sqrt_alphas_cumprod[t_idx]).float(), x0.device).view(shape)
+        s = to_device(torch.from_numpy(self.sqrt_one_minus_alphas_cumprod[t_idx]).float(), x0.device).view(shape)
+        return a * x0 + s * to_device(noise, x0.device).to(x0.dtype)
 
 
 class LogLinearSchedule:
