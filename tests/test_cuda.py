@@ -376,15 +376,17 @@ def test_extractors_queue_their_work_without_waiting_for_the_device(device, tmp_
     """With ``keep_on_device`` a batch's extraction must not block the host (so the CPU draws the next noise
     while the GPU computes): a blocking copy from pageable memory, ``.item()`` and the like raise here."""
     tok = tiny_tokenizer(tmp_path)
-    image_ex = ImageFeatureExtractor(on(small_dit(), device))
+    image_ex = ImageFeatureExtractor(on(small_dit(), device), on(small_vae(), device), image_size=64)
     text_ex = TextFeatureExtractor(on(small_ddit(tok.vocab_size), device), tok)
-    x0 = torch.randn(4, 4, 8, 8)
+    pixels = torch.rand(4, 3, 64, 64, device=device) * 2 - 1  # as the latent cache hands them over
     caps = [[CAPTIONS[0], CAPTIONS[1]], [CAPTIONS[2]]]
-    image_ex(latents=x0, blocks=[1], timesteps=[10], keep_on_device=True)  # first calls: lazy CUDA set-up
+    x0 = image_ex.encode(pixels, ids=list("abcd"), keep_on_device=True)  # first calls: lazy CUDA set-up
+    image_ex(latents=x0, blocks=[1], timesteps=[10], keep_on_device=True)
     text_ex(caps, blocks=[-1], timesteps=[300], keep_on_device=True)
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
+        x0 = image_ex.encode(pixels, ids=list("abcd"), keep_on_device=True)
         image_ex(latents=x0, blocks=[1, 3], timesteps=[10, 500], ids=list("abcd"), keep_on_device=True, bf16=True)
         text_ex(caps, blocks=[0, -1], timesteps=[0, 300], ids=["p", "q"], keep_on_device=True, bf16=True)
     finally:

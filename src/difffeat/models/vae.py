@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from difffeat.models.schedule import per_sample_randn
+from difffeat.utils.runtime import to_device
 
 SD_VAE_SCALE = 0.18215
 
@@ -89,6 +90,6 @@ class LatentEncoder:
         dist = self.vae.encode(x).latent_dist
         z = dist.mean
         if self.sample:
-            eps = per_sample_randn(z.shape[1:], keys, seed, "vae").to(z.device, z.dtype)
+            eps = to_device(per_sample_randn(z.shape[1:], keys, seed, "vae"), z.device).to(z.dtype)  # no host wait
             z = z + dist.std * eps
         return (z * self.scaling_factor).float()
