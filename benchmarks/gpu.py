@@ -103,7 +103,7 @@ FULL = Sizes(
     vae_batches=(64, 256), jpegs=4000, jpeg_wh=(640, 480), workers=(16, 8), grid_blocks=GRID_BLOCKS, e2e_batch=256,
     ddit=DDiTConfig.preset("sedd-medium"), text_length=128, text_batches=(256, 1024), matmul_n=8192, min_seconds=1.5,
     compile_backend="inductor",
-    boxes={"tests": 120, "dit": 80, "input": 40, "vae": 35, "e2e": 100, "ddit": 35, "compile": 150}, budget=440,
+    boxes={"tests": 150, "dit": 80, "input": 40, "vae": 35, "e2e": 100, "ddit": 35, "compile": 150}, budget=440,
     tests=("tests/test_cuda.py",),
 )  # fmt: skip
 SMOKE = Sizes(
