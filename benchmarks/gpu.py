@@ -233,7 +233,7 @@ def default_init(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def make_dit(cfg: DiTConfig, device: torch.device) -> DiT:
-    """Built on the device (seconds, not a minute of CPU init for DiT-XL/2); ``.to`` catches CPU-made buffers."""
+    """Built on the device (no CPU initialisation of DiT-XL/2's 675M parameters); ``.to`` catches CPU-made buffers."""
     with torch.device(device):
         return default_init(DiT(cfg)).to(device)
 
