@@ -63,7 +63,8 @@ from difffeat.data.core import Sample, Split
 from difffeat.features.extract import ImageFeatureExtractor, TextFeatureExtractor
 from difffeat.features.jobs import _Pixels
 from difffeat.models.ddit import DDiT, DDiTConfig
-from difffeat.models.dit import DiT, DiTConfig, dit_config, save_dit
+from difffeat.models.dit import DiT, DiTConfig, dit_config
+from difffeat.models.dit_load import save_dit
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 from difffeat.models.vae import LatentEncoder
 

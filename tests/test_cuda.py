@@ -36,8 +36,10 @@ from difffeat.features.jobs import to_host
 from difffeat.features.store import EntryKey, FeatureStore
 from difffeat.heads.fusion import FusionConfig, fit_fusion
 from difffeat.heads.probe import ProbeConfig, fit_probes
-from difffeat.models.ddit import DDiT, DDiTConfig, save_ddit
-from difffeat.models.dit import DiT, DiTConfig, save_dit
+from difffeat.models.ddit import DDiT, DDiTConfig
+from difffeat.models.ddit_load import save_ddit
+from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_load import save_dit
 from difffeat.run.config import RunConfig, apply_overrides
 from difffeat.run.pipeline import run
 from difffeat.utils.runtime import to_device
