@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,41 @@ CAPTIONS = [
     "number eight in the middle",
     "some nines and a zero",
 ]
+
+
+# The longest dot product in the tiny models (hidden 32): the timestep embedder's 256 frequencies (the MLP's inner
+# width, 4 x 32, is shorter). The ``width`` of ``assert_features_close`` for features of tiny_dit and tiny_ddit.
+TINY_WIDTH = 256
+# How many typical rounding differences apart two computations may be: the largest of many elements lies a few
+# standard deviations out, and LayerNorm and adaLN scales amplify a block's input differences. Worst seen: 0.8
+# (docs/guarantees.md, "Numerics").
+ROUNDING_SAFETY = 8.0
+
+
+def rounding_tolerance(expected: torch.Tensor, depth: int, width: int, dtype: torch.dtype = torch.float32) -> float:
+    """The absolute difference two float computations of ``expected`` may show when only their rounding differs.
+
+    Another batch size, thread count, device, fused batch or implementation of the same math sums the same
+    products in another order. One dot product of length ``width`` summed in two orders differs by about
+    eps * sqrt(width) of the magnitudes summed (rounding errors add like a random walk); each of ``depth``
+    layers (residual blocks, the embedding counted as one) adds such an independent difference to the residual
+    stream, so differences grow like sqrt(depth * width). They are relative to the activations as a whole, not
+    to one element (an element near zero carries the same absolute error as the largest), hence the scale is
+    max |expected| and there is no element-wise rtol. A real bug (another noise draw, padding leaking into
+    attention, a sample seeing its batch) moves features by a sizeable fraction of that scale, orders of
+    magnitude above this bound.
+    """
+    eps = torch.finfo(dtype).eps
+    return ROUNDING_SAFETY * eps * math.sqrt(depth * width) * expected.detach().abs().max().item()
+
+
+def assert_features_close(actual: torch.Tensor, expected: torch.Tensor, *, depth: int, width: int, what: str) -> None:
+    """``actual`` equals ``expected`` up to float rounding (see ``rounding_tolerance``): the promise for features
+    computed by different kernels. Where the code promises the same bytes, compare with ``torch.equal``."""
+    assert actual.shape == expected.shape, f"{what}: shapes {tuple(actual.shape)} and {tuple(expected.shape)}"
+    atol = rounding_tolerance(expected, depth, width)
+    worst = (actual.detach().float() - expected.detach().float()).abs().max().item()
+    assert worst <= atol, f"{what}: differ by {worst:.3g}, more than float rounding allows ({atol:.3g}, depth {depth})"
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:

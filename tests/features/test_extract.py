@@ -7,7 +7,7 @@ from PIL import Image
 from difffeat.features.extract import ImageFeatureExtractor
 from difffeat.models.schedule import DDPMSchedule, LogLinearSchedule, per_sample_randn
 from difffeat.models.vae import images_to_tensor
-from helpers import CAPTIONS, images, tiny_dit
+from helpers import CAPTIONS, TINY_WIDTH, assert_features_close, images, tiny_dit
 
 
 def hooked_reference(dit, x0, t, keys, seed, blocks):
@@ -30,7 +30,7 @@ def test_image_features_equal_hooks_on_a_full_forward(image_ex):
     for t in (0, 250):
         ref = hooked_reference(image_ex.dit, x0, t, ["a", "b", "c"], 7, [1, 3])
         for b in (1, 3):
-            torch.testing.assert_close(out[(b, t)], ref[b].mean(dim=1), rtol=1e-5, atol=1e-6)
+            assert_features_close(out[(b, t)], ref[b].mean(dim=1), depth=b + 2, width=TINY_WIDTH, what=f"({b}, {t})")
 
 
 def test_a_samples_feature_does_not_depend_on_its_batch(image_ex):
@@ -39,8 +39,8 @@ def test_a_samples_feature_does_not_depend_on_its_batch(image_ex):
     full = image_ex(x, blocks=[2], timesteps=[100], ids=ids)[(2, 100)]
     alone = image_ex(x[2:3], blocks=[2], timesteps=[100], ids=["y"])[(2, 100)]
     reordered = image_ex(x[[3, 2]], blocks=[2], timesteps=[100], ids=["z", "y"])[(2, 100)]
-    torch.testing.assert_close(full[2], alone[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(full[2], reordered[1], rtol=1e-5, atol=1e-6)
+    assert_features_close(full[2], alone[0], depth=4, width=TINY_WIDTH, what="batch of 4 vs alone")
+    assert_features_close(full[2], reordered[1], depth=4, width=TINY_WIDTH, what="batch of 4 vs another pair")
     other_seed = image_ex(x[2:3], blocks=[2], timesteps=[100], ids=["y"], seed=1)[(2, 100)]
     assert not torch.allclose(alone, other_seed)
 
@@ -99,11 +99,11 @@ def test_text_mean_over_captions_is_the_mean_of_single_caption_features(text_ex)
     caps = [[CAPTIONS[0], CAPTIONS[1]], [CAPTIONS[2]]]
     out = text_ex(caps, blocks=[-1], timesteps=[0], ids=["s0", "s1"])[(2, 0)]
     one = text_ex([CAPTIONS[0], CAPTIONS[1]], blocks=[-1], timesteps=[0])[(2, 0)]
-    torch.testing.assert_close(out[0], one.mean(dim=0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[1], text_ex([CAPTIONS[2]], blocks=[-1], timesteps=[0])[(2, 0)][0], rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    assert_features_close(out[0], one.mean(dim=0), depth=4, width=TINY_WIDTH, what="mean of two captions")
+    alone = text_ex([CAPTIONS[2]], blocks=[-1], timesteps=[0])[(2, 0)][0]
+    assert_features_close(out[1], alone, depth=4, width=TINY_WIDTH, what="one caption in a batch vs alone")
     first = text_ex(caps, blocks=[-1], timesteps=[0], caption_reduce="first")[(2, 0)]
-    torch.testing.assert_close(first[0], one[0], rtol=1e-5, atol=1e-6)
+    assert_features_close(first[0], one[0], depth=4, width=TINY_WIDTH, what="first caption")
     concat = text_ex(caps, blocks=[-1], timesteps=[0], caption_reduce="concat")[(2, 0)]
     assert not torch.allclose(concat[0], out[0])
 
@@ -113,7 +113,7 @@ def test_text_features_are_padding_and_batch_invariant_under_noise(text_ex):
     batch = text_ex([long, short], blocks=[0, 2], timesteps=[500], ids=["L", "S"], seed=4)
     alone = text_ex([short], blocks=[0, 2], timesteps=[500], ids=["S"], seed=4)
     for b in (0, 2):
-        torch.testing.assert_close(batch[(b, 500)][1], alone[(b, 500)][0], rtol=1e-5, atol=1e-6)
+        assert_features_close(batch[(b, 500)][1], alone[(b, 500)][0], depth=b + 2, width=TINY_WIDTH, what=f"block {b}")
 
 
 def test_text_pooling_matches_a_hand_computation(text_ex):

@@ -11,7 +11,7 @@ from difffeat.features.jobs import cache_latents, fill_entries, torch_dtype
 from difffeat.features.store import EntryKey, FeatureStore
 from difffeat.run.config import ExtractConfig
 from difffeat.utils.distributed import barrier
-from helpers import CAPTIONS, images, tiny_dit
+from helpers import CAPTIONS, TINY_WIDTH, assert_features_close, images, tiny_dit
 
 
 def test_fused_timesteps_give_the_unfused_features_deterministically(image_ex):
@@ -22,11 +22,11 @@ def test_fused_timesteps_give_the_unfused_features_deterministically(image_ex):
     again = image_ex(latents=x0, fuse_timesteps=True, **kw)
     assert set(fused) == set(plain) == {(b, t) for b in (0, 3) for t in (0, 100, 600)}
     for bt in plain:
-        torch.testing.assert_close(fused[bt], plain[bt], rtol=1e-4, atol=1e-4)
+        assert_features_close(fused[bt], plain[bt], depth=bt[0] + 2, width=TINY_WIDTH, what=f"fused {bt}")
         assert torch.equal(fused[bt], again[bt])
         assert fused[bt].device.type == "cpu"
     alone = image_ex(latents=x0[3:4], fuse_timesteps=True, **{**kw, "ids": ["d"]})
-    torch.testing.assert_close(alone[(3, 600)][0], fused[(3, 600)][3], rtol=1e-4, atol=1e-4)
+    assert_features_close(alone[(3, 600)][0], fused[(3, 600)][3], depth=5, width=TINY_WIDTH, what="fused, alone")
 
 
 def test_fused_text_steps_and_the_tokenization_memo(text_ex, monkeypatch):
@@ -38,7 +38,7 @@ def test_fused_text_steps_and_the_tokenization_memo(text_ex, monkeypatch):
     plain = text_ex(caps, **kw)
     fused = text_ex(caps, fuse_timesteps=True, **kw)
     for bs in plain:
-        torch.testing.assert_close(fused[bs], plain[bs], rtol=1e-4, atol=1e-4)
+        assert_features_close(fused[bs], plain[bs], depth=bs[0] + 2, width=TINY_WIDTH, what=f"fused text {bs}")
     assert len(calls) == 1  # one batch of texts, tokenized once for both calls and every step
 
 
@@ -102,7 +102,7 @@ def test_compiled_blocks_give_the_eager_features(image_ex):
     x0 = image_ex.encode(images(3))
     eager = image_ex(latents=x0, blocks=[2], timesteps=[50])[(2, 50)]
     compiled = ImageFeatureExtractor(tiny_dit(), compile=True)(latents=x0, blocks=[2], timesteps=[50])[(2, 50)]
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert_features_close(compiled, eager, depth=4, width=TINY_WIDTH, what="compiled vs eager")
 
 
 def test_several_ranks_without_torchrun_is_a_clear_error():

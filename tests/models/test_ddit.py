@@ -13,8 +13,12 @@ from safetensors.torch import save_file
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.ddit import DDiT, DDiTConfig, apply_rotary, attention, rotary_inv_freq
 from difffeat.models.ddit_load import load_ddit, save_ddit
+from helpers import assert_features_close
 
 TINY = dict(vocab_size=100, hidden_size=64, cond_dim=16, n_heads=4, n_blocks=2, length=32)
+# Block b's output passes the embedding and b + 1 blocks, logits also the output layer; the longest dot product is
+# the MLP's (4 x 64) or the sigma embedding's 256 frequencies.
+LOGITS_DEPTH, WIDTH = TINY["n_blocks"] + 2, 256
 
 
 def random_model(seed: int = 0, **overrides) -> DDiT:
@@ -183,7 +187,7 @@ def test_forward_matches_explicit_reference(masked: bool) -> None:
     with torch.no_grad():
         got = model(ids, sigma, attention_mask=mask)
     assert got.shape == (2, 7, 100)
-    assert torch.allclose(got, expected, atol=1e-4)
+    assert_features_close(got, expected, depth=LOGITS_DEPTH, width=WIDTH, what="logits vs the re-derivation")
 
 
 def captions_batch() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -209,8 +213,9 @@ def test_padded_batch_equals_one_caption_at_a_time() -> None:
         alone = model.forward_intermediates(cap[None], sigma[i : i + 1], [0, 1])
         n = len(cap)
         for b in (0, 1):
-            assert torch.allclose(batched[b][i, :n], alone[b][0], atol=1e-5)
-        assert torch.allclose(logits[i, :n], model(cap[None], sigma[i : i + 1])[0], atol=1e-5)
+            assert_features_close(batched[b][i, :n], alone[b][0], depth=b + 2, width=WIDTH, what=f"{i}, block {b}")
+        alone_logits = model(cap[None], sigma[i : i + 1])[0]
+        assert_features_close(logits[i, :n], alone_logits, depth=LOGITS_DEPTH, width=WIDTH, what=f"{i}, logits")
     assert torch.isfinite(batched[1]).all() and torch.isfinite(logits).all()
     unmasked = model.forward_intermediates(ids, sigma, [1])[1]  # without the mask padding leaks in
     assert not torch.allclose(unmasked[0, :5], batched[1][0, :5], atol=1e-3)
@@ -223,9 +228,9 @@ def test_batch_order_and_companions_do_not_matter() -> None:
     full = model.forward_intermediates(ids, 0.5, [1], attention_mask=mask)[1]
     order = torch.tensor([2, 0, 1])
     permuted = model.forward_intermediates(ids[order], 0.5, [1], attention_mask=mask[order])[1]
-    assert torch.allclose(permuted, full[order], atol=1e-5)
+    assert_features_close(permuted, full[order], depth=3, width=WIDTH, what="permuted batch")
     pair = model.forward_intermediates(ids[1:], 0.5, [1], attention_mask=mask[1:])[1]
-    assert torch.allclose(pair[1, :3], full[2, :3], atol=1e-5)
+    assert_features_close(pair[1, :3], full[2, :3], depth=3, width=WIDTH, what="batch of two vs three")
 
 
 @torch.no_grad()
@@ -236,7 +241,7 @@ def test_sequence_without_real_tokens_attends_everywhere() -> None:
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     out = model(ids, 0.0, attention_mask=mask)
     assert torch.isfinite(out).all()
-    assert torch.allclose(out[1], model(ids[1:], 0.0)[0], atol=1e-5)
+    assert_features_close(out[1], model(ids[1:], 0.0)[0], depth=LOGITS_DEPTH, width=WIDTH, what="no real tokens")
 
 
 @torch.no_grad()
