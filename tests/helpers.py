@@ -45,16 +45,28 @@ def rounding_tolerance(expected: torch.Tensor, depth: int, width: int, dtype: to
     max |expected| and there is no element-wise rtol. A real bug (another noise draw, padding leaking into
     attention, a sample seeing its batch) moves features by a sizeable fraction of that scale, orders of
     magnitude above this bound.
+
+    bf16 against fp32: pass ``dtype=torch.bfloat16`` and ``width=1``. bf16 rounds the operands of each layer
+    (relative error eps each) while sums still accumulate in fp32, so that difference does not grow with the
+    length of the sums, only with the depth.
     """
     eps = torch.finfo(dtype).eps
     return ROUNDING_SAFETY * eps * math.sqrt(depth * width) * expected.detach().abs().max().item()
 
 
-def assert_features_close(actual: torch.Tensor, expected: torch.Tensor, *, depth: int, width: int, what: str) -> None:
+def assert_features_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    depth: int,
+    width: int,
+    what: str,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """``actual`` equals ``expected`` up to float rounding (see ``rounding_tolerance``): the promise for features
     computed by different kernels. Where the code promises the same bytes, compare with ``torch.equal``."""
     assert actual.shape == expected.shape, f"{what}: shapes {tuple(actual.shape)} and {tuple(expected.shape)}"
-    atol = rounding_tolerance(expected, depth, width)
+    atol = rounding_tolerance(expected, depth, width, dtype)
     worst = (actual.detach().float() - expected.detach().float()).abs().max().item()
     assert worst <= atol, f"{what}: differ by {worst:.3g}, more than float rounding allows ({atol:.3g}, depth {depth})"
 
