@@ -28,8 +28,8 @@ CAPTIONS = [
 # width, 4 x 32, is shorter). The ``width`` of ``assert_features_close`` for features of tiny_dit and tiny_ddit.
 TINY_WIDTH = 256
 # How many typical rounding differences apart two computations may be: the largest of many elements lies a few
-# standard deviations out, and LayerNorm and adaLN scales amplify a block's input differences. Worst seen: 0.8
-# (docs/guarantees.md, "Numerics").
+# standard deviations out, and LayerNorm and adaLN scales amplify a block's input differences. Worst seen: 0.074
+# of the bound (docs/guarantees.md, "Numerics").
 ROUNDING_SAFETY = 8.0
 
 
