@@ -39,12 +39,12 @@ def rounding_tolerance(expected: torch.Tensor, depth: int, width: int, dtype: to
     Another batch size, thread count, device, fused batch or implementation of the same math sums the same
     products in another order. One dot product of length ``width`` summed in two orders differs by about
     eps * sqrt(width) of the magnitudes summed (rounding errors add like a random walk); each of ``depth``
-    layers (residual blocks, the embedding counted as one) adds such an independent difference to the residual
-    stream, so differences grow like sqrt(depth * width). They are relative to the activations as a whole, not
-    to one element (an element near zero carries the same absolute error as the largest), hence the scale is
-    max |expected| and there is no element-wise rtol. A real bug (another noise draw, padding leaking into
-    attention, a sample seeing its batch) moves features by a sizeable fraction of that scale, orders of
-    magnitude above this bound.
+    layers (residual blocks; the embedding and an output layer count one each) adds such an independent
+    difference to the residual stream, so differences grow like sqrt(depth * width). They are relative to the
+    activations as a whole, not to one element (an element near zero carries the same absolute error as the
+    largest), hence the scale is max |expected| and there is no element-wise rtol. A real bug (another noise
+    draw, padding leaking into attention, a sample seeing its batch) moves features by a sizeable fraction of
+    that scale, orders of magnitude above this bound.
 
     bf16 against fp32: pass ``dtype=torch.bfloat16`` and ``width=1``. bf16 rounds the operands of each layer
     (relative error eps each) while sums still accumulate in fp32, so that difference does not grow with the
