@@ -236,6 +236,7 @@ class ImageFeatureExtractor(_Extractor):
         ids: Sequence[str | int] | None = None,
         ensemble: int = 1,
         class_label: int | None = None,
+        captions: Sequence[str] | None = None,
         bf16: bool = False,
         fuse_timesteps: bool = False,
         keep_on_device: bool = False,
@@ -247,7 +248,7 @@ class ImageFeatureExtractor(_Extractor):
         x0 = self.encode(images, ids, seed, keep_on_device=True) if latents is None else latents
         x0 = Clean(to_device(x0.float(), self.device))
         keys = _keys(ids, len(x0))
-        cond = self.backbone.condition(len(x0), label=class_label)
+        cond = self.backbone.condition(len(x0), label=class_label, captions=captions)
         run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps)
         out = self._extract(x0, keys, cond, times, blocks, run)
         return {bt: _output(f, keep_on_device) for bt, f in out.items()}

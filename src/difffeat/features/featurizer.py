@@ -139,7 +139,11 @@ class ImageFeaturizer(_Featurizer):
         ``backbone`` names the family (``difffeat.models.base.families("image")``) when the source does not
         tell. ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own.
         ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
-        autocast. ``options`` go to the family's loader (DiT: ``numerics``, ``image_size``, ``sample_posterior``).
+        autocast. ``options`` go to the family's loader: DiT ``numerics``, ``image_size``, ``sample_posterior``;
+        SiT (``backbone="sit"``: no file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
+        FLUX / generic ``diffusers`` ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both":
+        the token streams of an MMDiT block), ``dtype`` ("bfloat16" for the large ones), ``guidance``,
+        ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``.
         """
         adapter = cls._load(source, backbone, device, {"vae": vae, **options})
         return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16)
@@ -157,10 +161,13 @@ class ImageFeaturizer(_Featurizer):
         ids: Sequence[str | int] | None = None,
         ensemble: int = 1,
         class_label: int | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Features:
         """Features of ``images`` (PIL list, uint8 [N, H, W, 3], or float [N, 3, S, S] in [-1, 1]) or of
         precomputed ``latents``, for every asked block and time (in the backbone's convention, see
-        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions."""
+        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions.
+        ``class_label`` conditions a class-conditional model (default: its null class); ``captions`` (one per
+        image) a text-to-image model loaded with ``condition="caption"`` (default: the cached empty prompt)."""
         asked = _asked_keys(blocks, timesteps)
         feats = self.extractor(
             images,
@@ -173,6 +180,7 @@ class ImageFeaturizer(_Featurizer):
             ids=ids,
             ensemble=ensemble,
             class_label=class_label,
+            captions=captions,
             bf16=self.bf16,
         )
         return self._keyed(feats, asked)

@@ -69,8 +69,10 @@ def load_vae(source: str | Path, subfolder: str | None = None, dtype: torch.dtyp
 
 
 class LatentEncoder:
-    """``latent_dist.sample() * scale`` with the posterior noise drawn per sample from (seed, id), so a sample's
-    latent is the same in any batch; ``sample=False`` takes the posterior mean instead.
+    """``(latent_dist.sample() - shift) * scale`` with the posterior noise drawn per sample from (seed, id), so a
+    sample's latent is the same in any batch; ``sample=False`` takes the posterior mean instead. ``shift`` and
+    ``scale`` are the VAE config's ``shift_factor`` (SD3 / FLUX latents are centred, as their img2img pipelines
+    encode; none for the SD-VAE) and ``scaling_factor``.
 
     The VAE runs in channels-last memory format: its convolutions are faster that way with oneDNN and cuDNN
     (1.14-1.18x for the SD-VAE encoder on the idle 2-core CPU, side by side), with the same results to ~1e-5.
@@ -80,6 +82,7 @@ class LatentEncoder:
         self.vae = vae.to(memory_format=torch.channels_last)
         cfg_scale = getattr(getattr(vae, "config", None), "scaling_factor", None)
         self.scaling_factor = scaling_factor or cfg_scale or SD_VAE_SCALE
+        self.shift_factor = getattr(getattr(vae, "config", None), "shift_factor", None) or 0.0
         self.sample = sample
 
     @torch.inference_mode()
@@ -91,4 +94,4 @@ class LatentEncoder:
         if self.sample:
             eps = per_sample_randn(z.shape[1:], keys, seed, "vae").to(z.device, z.dtype)
             z = z + dist.std * eps
-        return (z * self.scaling_factor).float()
+        return ((z - self.shift_factor) * self.scaling_factor).float()
