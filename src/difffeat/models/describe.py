@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from difffeat.models.base import Layer, TimeConvention
+from difffeat.models.base import HUB_ID, Layer, TimeConvention
 
 
 def describe_source(source: str | Path, family: str | None = None) -> str:
     """A printable table: family, time convention, then one line per 0-based block (name, width)."""
     path = Path(source)
+    if not path.exists() and not HUB_ID.fullmatch(str(source)):
+        raise ValueError(f"{source}: no such file or folder, and not a hub id")
     if family in (None, "pixart", "sd3", "flux", "diffusers") and not path.is_file():
         family_name, time, layers = _diffusers_layers(source, family)
     elif family in (None, "sit", "dit") and path.is_file():
