@@ -189,3 +189,56 @@ def test_import_difffeat_is_lazy_and_exports_the_api():
     assert difffeat.ImageFeaturizer is ImageFeaturizer
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         difffeat.nope  # noqa: B018
+
+
+# --- massive activations -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planted_f(tiny_folders):
+    """A featurizer whose residual stream carries one massive channel (7) from the patch embedding on, as the
+    massive activations of real DiTs persist through the blocks."""
+    f = ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu", massive="zero")
+    with torch.no_grad():
+        f.backbone.module.x_embedder.proj.bias[7] += 1000.0
+    return f
+
+
+def hooked_tokens(f, x, block: int, t: int, ids, seed: int) -> torch.Tensor:
+    model = f.backbone.module
+    x0 = images_to_tensor(x, 32)
+    xt = DDPMSchedule().q_sample(x0, t, per_sample_randn(x0.shape[1:], ids, seed, t))
+    seen = {}
+    handle = model.blocks[block].register_forward_hook(lambda m, i, o: seen.__setitem__(block, o))
+    with torch.no_grad():
+        model(xt, torch.full((len(ids),), t), torch.full((len(ids),), model.null_class))
+    handle.remove()
+    return seen[block]
+
+
+def test_massive_channels_are_found_on_a_calibration_batch_and_suppressed_before_pooling(planted_f):
+    with pytest.raises(ValueError, match=r"blocks \[1\]: call f.calibrate"):
+        planted_f(_images32(2), blocks=[1], timesteps=[100])
+    found = planted_f.calibrate(_images32(4), blocks=[1, -1], timesteps=[0, 100])
+    assert found == planted_f.massive_channels == {1: [7], 3: [7]}
+    x, ids = _images32(3), ["p", "q", "r"]
+    tokens = hooked_tokens(planted_f, x, 1, 100, ids, seed=2)
+    assert tokens[..., 7].abs().min() > 100  # the planted channel is there in the untouched forward
+    zeroed = planted_f(x, blocks=[1], timesteps=[100], ids=ids, seed=2)[(1, 100)]
+    expected = tokens.clone()
+    expected[..., 7] = 0
+    torch.testing.assert_close(zeroed, expected.mean(dim=1), rtol=1e-5, atol=1e-5)
+    planted_f.massive = "normalise"  # its mean over tokens is 0 by construction: it matters for tokens / token_norm
+    normalised = planted_f(x, blocks=[1], timesteps=[100], ids=ids, seed=2, pool="none")[(1, 100)]
+    channel = tokens[..., 7]
+    expected[..., 7] = (channel - channel.mean(dim=1, keepdim=True)) / channel.std(dim=1, keepdim=True, unbiased=False)
+    torch.testing.assert_close(normalised, expected, rtol=1e-5, atol=1e-4)  # fp32 at magnitude 1000: ~6e-5
+    others = [c for c in range(32) if c != 7]
+    torch.testing.assert_close(zeroed[:, others], tokens[..., others].mean(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_random_model_has_no_massive_channels_and_bad_modes_are_refused(tiny_folders):
+    f = ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu")
+    assert f.calibrate(_images32(4), blocks=[0, 2], timesteps=[50]) == {0: [], 2: []}
+    with pytest.raises(ValueError, match=r"massive must be one of \('none', 'zero', 'normalise'\)"):
+        ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu", massive="clip")

@@ -19,12 +19,11 @@ from diffusers import (
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tests.models import tiny_pipelines
+from tests.models.tiny_pipelines import TEXT_LEN, empty_prompt, hooked_full_forward
 
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.describe import describe_source
 from difffeat.models.diffusers_dits import load_diffusers_backbone, sniff_family
-
-TEXT_LEN = 16  # max_sequence_length for the T5 prompt: short keeps the tiny models fast
 
 
 @pytest.fixture(autouse=True)
@@ -43,27 +42,6 @@ def latents(n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def hooked_full_forward(transformer, kwargs) -> tuple[dict[int, object], Counter]:
-    """Every block's output on diffusers' untouched forward, and how often each block ran."""
-    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
-    outputs, calls = {}, Counter()
-
-    def record(index: int):
-        def hook(module, args, out) -> None:
-            outputs[index] = out
-            calls.update([index])
-
-        return hook
-
-    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
-    try:
-        transformer(**kwargs, return_dict=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs, calls
-
-
 def count_calls(backbone, fn) -> Counter:
     calls = Counter()
     handles = [
@@ -78,33 +56,18 @@ def count_calls(backbone, fn) -> Counter:
     return calls
 
 
-def empty_prompt(pipeline_cls, root, family):
-    """The pipeline's own encoding of "" computed here, independently of the backbone's cache."""
-    pipe = pipeline_cls.from_pretrained(str(root), transformer=None, vae=None)
-    if family == "pixart":
-        embeds, mask, _, _ = pipe.encode_prompt([""], False, clean_caption=False, max_sequence_length=TEXT_LEN)
-        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-    if family == "sd3":
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN
-        )
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    embeds, pooled, _ = pipe.encode_prompt([""], None, max_sequence_length=TEXT_LEN)
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-
 # --- PixArt --------------------------------------------------------------------------------------------------------
 
 
 def test_pixart_features_equal_hooks_on_diffusers_forward_and_stop_early(roots):
     backbone = load_diffusers_backbone(roots["pixart"], max_sequence_length=TEXT_LEN)
-    assert (backbone.family.name, backbone.time.name, backbone.depth) == ("pixart", "ddpm", 3)
+    assert (backbone.family, backbone.time.name, backbone.depth) == ("pixart", "ddpm", 3)
     x, t = latents(), 400
     cond = {
         k: v.expand(2, *v.shape[1:]) for k, v in empty_prompt(PixArtSigmaPipeline, roots["pixart"], "pixart").items()
     }
     reference, _ = hooked_full_forward(
-        backbone.transformer,
+        backbone.module,
         {"hidden_states": x, "timestep": torch.tensor([t, t]), "added_cond_kwargs": {"resolution": None,
          "aspect_ratio": None}, **cond},
     )  # fmt: skip
@@ -143,7 +106,7 @@ def sd3_reference(roots, backbone, x, t: float):
         k: v.expand(2, *v.shape[1:]) for k, v in empty_prompt(StableDiffusion3Pipeline, roots["sd3"], "sd3").items()
     }
     kwargs = {"hidden_states": x, "timestep": torch.full((2,), float(sigma) * 1000), **cond}
-    return hooked_full_forward(backbone.transformer, kwargs)
+    return hooked_full_forward(backbone.module, kwargs)
 
 
 def test_sd3_image_stream_equals_hooks_on_diffusers_forward_and_stops_early(roots, sd3):
@@ -192,7 +155,7 @@ def test_sd3_null_prompt_is_cached_and_captions_use_the_pipeline_encoder(roots, 
     embeds, _, pooled, _ = pipe.encode_prompt(
         captions, None, None, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN
     )
-    cond = sd3.condition(2, captions)
+    cond = sd3.condition(2, captions=captions)
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled_projections"], pooled, rtol=0, atol=0)
     assert not torch.equal(cond["pooled_projections"][0], sd3.condition(1)["pooled_projections"][0])
@@ -200,9 +163,9 @@ def test_sd3_null_prompt_is_cached_and_captions_use_the_pipeline_encoder(roots, 
 
 def test_null_condition_frees_the_text_encoders(roots):
     backbone = load_diffusers_backbone(roots["sd3"], max_sequence_length=TEXT_LEN)
-    assert backbone.encode_caption is None
+    assert backbone.prompts is None
     with pytest.raises(ValueError, match="condition='caption'"):
-        backbone.condition(1, ["a cat"])
+        backbone.condition(1, captions=["a cat"])
 
 
 # --- FLUX ----------------------------------------------------------------------------------------------------------
@@ -227,7 +190,7 @@ def test_flux_indexes_double_then_single_blocks_and_equals_hooks_on_diffusers_fo
         "txt_ids": torch.zeros(TEXT_LEN, 3),
         **cond,
     }
-    reference, _ = hooked_full_forward(backbone.transformer, kwargs)
+    reference, _ = hooked_full_forward(backbone.module, kwargs)
     assert count_calls(backbone, lambda: backbone.forward_intermediates(x, t, [2])) == Counter({0: 1, 1: 1, 2: 1})
     ours = backbone.forward_intermediates(x, t, [1, 2])
     for i in (1, 2):
@@ -249,13 +212,15 @@ def test_flux_dynamic_shift_noising_equals_its_scheduler(roots):
 
 
 def test_generic_adapter_reads_any_transformer_blocks_list_with_the_callers_conditioning(roots):
-    generic = load_diffusers_backbone(roots["pixart"], family="generic")
     pixart = load_diffusers_backbone(roots["pixart"], max_sequence_length=TEXT_LEN)
+    generic = load_diffusers_backbone(
+        roots["pixart"], family="diffusers", null_condition={k: v[:1] for k, v in pixart.condition(1).items()},
+        fixed_inputs={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+    )  # fmt: skip
     x = latents()
-    cond = {**pixart.condition(2), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-    ours = generic.forward_intermediates(x, 100, [1], **cond)
+    ours = generic.forward_intermediates(x, 100, [1], **generic.condition(2))
     torch.testing.assert_close(ours[1], pixart.forward_intermediates(x, 100, [1])[1], rtol=0, atol=0)
-    assert generic.family.name == "generic" and generic.time.name == "ddpm"
+    assert generic.family == "diffusers" and generic.time.name == "ddpm"
 
 
 def test_family_is_sniffed_from_the_transformer_config_and_a_bad_root_is_named(roots, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from tests.helpers import randomise
 
+from difffeat.models.base import Clean
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.describe import describe_source
 from difffeat.models.dit import DiT, DiTConfig
@@ -77,8 +78,8 @@ def test_t_one_is_clean_and_t_zero_is_noise(sit_file):
     backbone = SiTBackbone(sit_file[1])
     x1 = torch.randn(2, 4, 8, 8)
     keys = ["a", "b"]
-    torch.testing.assert_close(backbone.noise(x1, 1.0, keys, seed=0), x1, rtol=0, atol=0)
-    noise_only = backbone.noise(x1, 0.0, keys, seed=0)
+    torch.testing.assert_close(backbone.noise(Clean(x1), 1.0, keys, seed=0), x1, rtol=0, atol=0)
+    noise_only = backbone.noise(Clean(x1), 0.0, keys, seed=0)
     assert torch.corrcoef(torch.stack([noise_only.flatten(), x1.flatten()]))[0, 1].abs() < 0.2
     assert SIT_FLOW.clean == 1.0
 
@@ -86,17 +87,17 @@ def test_t_one_is_clean_and_t_zero_is_noise(sit_file):
 def test_noise_of_a_sample_does_not_depend_on_its_batch(sit_file):
     backbone = SiTBackbone(sit_file[1], path="gvp")
     x1 = torch.randn(3, 4, 8, 8)
-    together = backbone.noise(x1, 0.3, ["a", "b", "c"], seed=7)
-    alone = backbone.noise(x1[1:2], 0.3, ["b"], seed=7)
+    together = backbone.noise(Clean(x1), 0.3, ["a", "b", "c"], seed=7)
+    alone = backbone.noise(Clean(x1[1:2]), 0.3, ["b"], seed=7)
     torch.testing.assert_close(together[1:2], alone, rtol=0, atol=0)
-    assert not torch.equal(together[0], backbone.noise(x1[:1], 0.3, ["a"], seed=8)[0])
+    assert not torch.equal(together[0], backbone.noise(Clean(x1[:1]), 0.3, ["a"], seed=8)[0])
 
 
 def test_network_is_fed_the_flow_time_itself(sit_file):
     """The official training loss calls ``model(xt, t)`` with t in [0, 1]: the embedder must see 0.25, not 250."""
     backbone = SiTBackbone(sit_file[1])
     seen = []
-    handle = backbone.model.t_embedder.mlp[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    handle = backbone.module.t_embedder.mlp[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
     t = torch.tensor([0.25, 0.75])
     backbone.forward_intermediates(torch.randn(2, 4, 8, 8), t, [0])
     handle.remove()
@@ -106,7 +107,7 @@ def test_network_is_fed_the_flow_time_itself(sit_file):
 def test_velocity_is_the_official_forward_without_the_sigma_channels(sit_file):
     backbone = SiTBackbone(sit_file[1])
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([1, NULL])
-    full = backbone.model(x, t, y)
+    full = backbone.module(x, t, y)
     assert full.shape[1] == 8
     torch.testing.assert_close(backbone.velocity(x, t, y), full[:, :4], rtol=0, atol=0)
 
@@ -116,7 +117,7 @@ def test_ddpm_index_is_refused():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         backbone.forward_intermediates(torch.zeros(1, 4, 8, 8), 500, [0])
     with pytest.raises(ValueError, match="sit-flow"):
-        backbone.noise(torch.zeros(1, 4, 8, 8), 500, ["a"], seed=0)
+        backbone.noise(Clean(torch.zeros(1, 4, 8, 8)), 500, ["a"], seed=0)
     with pytest.raises(ValueError, match="Linear, GVP, VP"):
         SiTBackbone(DiT(CONFIG), path="cosine")
 
@@ -127,10 +128,10 @@ def test_ddpm_index_is_refused():
 def test_official_file_loads_strictly_with_its_config_read_from_shapes(sit_file):
     path, model = sit_file
     backbone = load_sit(path)
-    assert backbone.model.config == CONFIG
+    assert backbone.module.config == CONFIG
     for key, tensor in model.state_dict().items():
-        assert torch.equal(backbone.model.state_dict()[key], tensor), key
-    assert not any(p.requires_grad for p in backbone.model.parameters())
+        assert torch.equal(backbone.module.state_dict()[key], tensor), key
+    assert not any(p.requires_grad for p in backbone.module.parameters())
 
 
 def test_training_checkpoint_prefers_ema(sit_file, tmp_path):
@@ -140,7 +141,7 @@ def test_training_checkpoint_prefers_ema(sit_file, tmp_path):
     ckpt = {"model": raw, "ema": ema, "opt": {}, "args": argparse.Namespace(model="SiT-S/2", path_type="Linear")}
     torch.save(ckpt, tmp_path / "0400000.pt")
     loaded = load_sit(tmp_path / "0400000.pt")
-    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
+    assert torch.equal(loaded.module.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
 
 
 def test_a_file_missing_a_block_tensor_is_refused(sit_file, tmp_path):
@@ -166,7 +167,7 @@ def test_intermediates_equal_hooks_on_the_full_forward_and_later_blocks_never_ru
 
         return hook
 
-    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(backbone.model.blocks)]
+    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(backbone.module.blocks)]
     backbone.velocity(x, t)  # y defaults to the null class on both sides
     assert calls == Counter({0: 1, 1: 1, 2: 1})
     calls.clear()

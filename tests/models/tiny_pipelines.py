@@ -4,6 +4,7 @@ transformer/, scheduler/, vae/, text_encoder*/, tokenizer*/), built offline: tok
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import (
 
 WORDS = ["a", "red", "cat", "on", "the", "blue", "mat", "two", "dogs", "and", "one", "bird", "in", "sky"]
 T5_WIDTH = 32
+TEXT_LEN = 16  # max_sequence_length for the T5 prompt: short keeps the tiny models fast
 
 
 def tokenizer(max_length: int) -> PreTrainedTokenizerFast:
@@ -115,3 +117,42 @@ def save_flux(root: Path) -> Path:
         text_encoder=clip(16, None, 4), tokenizer=tokenizer(77), text_encoder_2=t5(5), tokenizer_2=tokenizer(512),
     ).save_pretrained(root)  # fmt: skip
     return root
+
+
+# --- references: diffusers' own forward and prompt encoding, independent of our backbone ---------------------
+
+
+def hooked_full_forward(transformer, kwargs) -> tuple[dict[int, object], Counter]:
+    """Every block's output on diffusers' untouched forward, and how often each block ran."""
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    outputs, calls = {}, Counter()
+
+    def record(index: int):
+        def hook(module, args, out) -> None:
+            outputs[index] = out
+            calls.update([index])
+
+        return hook
+
+    handles = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
+    try:
+        transformer(**kwargs, return_dict=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, calls
+
+
+def empty_prompt(pipeline_cls, root, family):
+    """The pipeline's own encoding of "" computed here, independently of the backbone's cache."""
+    pipe = pipeline_cls.from_pretrained(str(root), transformer=None, vae=None)
+    if family == "pixart":
+        embeds, mask, _, _ = pipe.encode_prompt([""], False, clean_caption=False, max_sequence_length=TEXT_LEN)
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            [""], None, None, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    embeds, pooled, _ = pipe.encode_prompt([""], None, max_sequence_length=TEXT_LEN)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}

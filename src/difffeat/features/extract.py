@@ -27,6 +27,7 @@ from torch import nn
 
 from difffeat.models.base import Clean, ImageBackbone, TextBackbone, adapt
 from difffeat.models.common import resolve_indices
+from difffeat.models.massive import MassiveChannels
 from difffeat.utils.runtime import autocast, to_device
 
 IMAGE_POOLS = ("mean", "none")
@@ -108,6 +109,7 @@ class _Run:
     ensemble: int
     bf16: bool
     fuse_timesteps: bool
+    massive: MassiveChannels | None = None
 
 
 class _Extractor:
@@ -169,6 +171,7 @@ class _Extractor:
         with autocast(dev, run.bf16):
             feats = _forward(bb.forward_intermediates, self.compiled, xt, tt, blocks, mask=mask, **rows)
         for b, tokens in feats.items():
+            tokens = tokens if run.massive is None else run.massive.apply(b, tokens)
             pooled = _pool(_normalise_tokens(tokens, run.token_norm), mask, run.pool)
             for (t, draw), f in zip(group, pooled.split(n), strict=True):
                 yield b, t, draw, f
@@ -180,7 +183,8 @@ class ImageFeatureExtractor(_Extractor):
     ``backbone`` is an image adapter (``models.base.ImageBackbone``) or a bare model its registered family wraps;
     for a bare model, ``vae`` is a diffusers ``AutoencoderKL`` (latent models) or None (pixel-space models: the
     image itself, in [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the blocks in
-    ``torch.compile``.
+    ``torch.compile``. A call's ``massive`` (``models.massive.MassiveChannels``) suppresses each block's
+    massive-activation channels before token normalisation and pooling.
     """
 
     def __init__(
@@ -236,6 +240,8 @@ class ImageFeatureExtractor(_Extractor):
         ids: Sequence[str | int] | None = None,
         ensemble: int = 1,
         class_label: int | None = None,
+        captions: Sequence[str] | None = None,
+        massive: MassiveChannels | None = None,
         bf16: bool = False,
         fuse_timesteps: bool = False,
         keep_on_device: bool = False,
@@ -247,8 +253,8 @@ class ImageFeatureExtractor(_Extractor):
         x0 = self.encode(images, ids, seed, keep_on_device=True) if latents is None else latents
         x0 = Clean(to_device(x0.float(), self.device))
         keys = _keys(ids, len(x0))
-        cond = self.backbone.condition(len(x0), label=class_label)
-        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps)
+        cond = self.backbone.condition(len(x0), label=class_label, captions=captions)
+        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps, massive)
         out = self._extract(x0, keys, cond, times, blocks, run)
         return {bt: _output(f, keep_on_device) for bt, f in out.items()}
 

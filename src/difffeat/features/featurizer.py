@@ -23,6 +23,7 @@ import torch
 from difffeat.features.extract import FeatureDict, ImageFeatureExtractor, TextFeatureExtractor
 from difffeat.models.base import Backbone, Layers, TimeConvention, describe, load_backbone
 from difffeat.models.common import resolve_indices
+from difffeat.models.massive import MASSIVE_OPTIONS, MassiveChannels, find_massive_channels
 from difffeat.utils.runtime import resolve_device
 
 # The tiny models trained on the embedded demo data (``difffeat demo`` runs them); ``from_pretrained("demo")``.
@@ -118,9 +119,23 @@ class _Featurizer:
 
 
 class ImageFeaturizer(_Featurizer):
-    """Pooled block outputs of an image diffusion transformer (see the module docstring)."""
+    """Pooled block outputs of an image diffusion transformer (see the module docstring).
+
+    ``massive`` ("none", "zero", "normalise") suppresses the few massive-activation channels of each block
+    before pooling (DiTF: on FLUX they swamp every other channel). Which channels those are is measured, not
+    assumed: :meth:`calibrate` finds them on a calibration batch and keeps them in ``massive_channels``.
+    "normalise" keeps their spatial pattern at unit scale; its token mean is 0, so under plain mean pooling it
+    equals "zero" and differs only for ``pool="none"`` or ``token_norm=True``.
+    """
 
     modality = "image"
+
+    def __init__(self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none") -> None:
+        if massive not in MASSIVE_OPTIONS:
+            raise ValueError(f"massive must be one of {MASSIVE_OPTIONS}, got {massive!r}")
+        super().__init__(extractor, bf16)
+        self.massive = massive
+        self.massive_channels: dict[int, list[int]] = {}  # 0-based block -> channels, filled by calibrate()
 
     @classmethod
     def from_pretrained(
@@ -132,6 +147,7 @@ class ImageFeaturizer(_Featurizer):
         device: str = "auto",
         bf16: bool = False,
         compile: bool = False,
+        massive: str = "none",
         **options: Any,
     ) -> ImageFeaturizer:
         """Load ``source``: ``"demo"``, an official checkpoint file, a diffusers folder or hub id, or our folder.
@@ -139,10 +155,50 @@ class ImageFeaturizer(_Featurizer):
         ``backbone`` names the family (``difffeat.models.base.families("image")``) when the source does not
         tell. ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own.
         ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
-        autocast. ``options`` go to the family's loader (DiT: ``numerics``, ``image_size``, ``sample_posterior``).
+        autocast. ``options`` go to the family's loader: DiT ``numerics``, ``image_size``, ``sample_posterior``;
+        SiT (``backbone="sit"``: no file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
+        FLUX / generic ``diffusers`` ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both":
+        the token streams of an MMDiT block), ``dtype`` ("bfloat16" for the large ones), ``guidance``,
+        ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``.
         """
         adapter = cls._load(source, backbone, device, {"vae": vae, **options})
-        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16)
+        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16, massive=massive)
+
+    def calibrate(
+        self,
+        images: Any = None,
+        *,
+        blocks: Sequence[int],
+        timesteps: Sequence[float],
+        latents: torch.Tensor | None = None,
+        k: float = 100.0,
+        seed: int = 0,
+        **condition: Any,
+    ) -> dict[int, list[int]]:
+        """Find each asked block's massive channels on a calibration batch: those whose peak magnitude over the
+        batch's tokens, at any of ``timesteps``, exceeds ``k`` times the median magnitude
+        (:func:`~difffeat.models.massive.find_massive_channels`). ``condition``: ``class_label`` / ``captions``."""
+        _asked_keys(blocks, timesteps)
+        tokens = self.extractor(
+            images, latents=latents, blocks=list(blocks), timesteps=list(timesteps), pool="none", seed=seed,
+            bf16=self.bf16, **condition,
+        )  # fmt: skip
+        found: dict[int, set[int]] = {}
+        for (block, _), x in tokens.items():
+            found.setdefault(block, set()).update(find_massive_channels(x, k))
+        self.massive_channels.update({block: sorted(channels) for block, channels in found.items()})
+        return self.massive_channels
+
+    def _suppression(self, blocks: Sequence[int]) -> MassiveChannels | None:
+        if self.massive == "none":
+            return None
+        missing = [b for b in resolve_indices(blocks, self.backbone.depth) if b not in self.massive_channels]
+        if missing:
+            raise ValueError(
+                f"massive={self.massive!r} needs the massive channels of blocks {missing}: call "
+                "f.calibrate(images, blocks=..., timesteps=...) on a calibration batch first"
+            )
+        return MassiveChannels(self.massive_channels, self.massive)
 
     def __call__(
         self,
@@ -157,11 +213,15 @@ class ImageFeaturizer(_Featurizer):
         ids: Sequence[str | int] | None = None,
         ensemble: int = 1,
         class_label: int | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Features:
         """Features of ``images`` (PIL list, uint8 [N, H, W, 3], or float [N, 3, S, S] in [-1, 1]) or of
         precomputed ``latents``, for every asked block and time (in the backbone's convention, see
-        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions."""
+        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions.
+        ``class_label`` conditions a class-conditional model (default: its null class); ``captions`` (one per
+        image) a text-to-image model loaded with ``condition="caption"`` (default: the cached empty prompt)."""
         asked = _asked_keys(blocks, timesteps)
+        massive = self._suppression(blocks)
         feats = self.extractor(
             images,
             latents=latents,
@@ -173,6 +233,8 @@ class ImageFeaturizer(_Featurizer):
             ids=ids,
             ensemble=ensemble,
             class_label=class_label,
+            captions=captions,
+            massive=massive,
             bf16=self.bf16,
         )
         return self._keyed(feats, asked)

@@ -192,6 +192,11 @@ def describe(backbone: Backbone) -> Layers:
 _REGISTRY: dict[str, type | str] = {
     "dit": "difffeat.models.dit_adapter:DiTAdapter",
     "ddit": "difffeat.models.ddit_adapter:DDiTAdapter",
+    "sit": "difffeat.models.sit:SiTBackbone",
+    "pixart": "difffeat.models.diffusers_dits:PixArtBackbone",
+    "sd3": "difffeat.models.diffusers_dits:SD3Backbone",
+    "flux": "difffeat.models.diffusers_dits:FluxBackbone",
+    "diffusers": "difffeat.models.diffusers_dits:DiffusersBackbone",
 }
 
 

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
-from difffeat.models.base import Layer, TimeConvention
+from difffeat.models.base import HUB_ID, Layer, TimeConvention
 
 
 def describe_source(source: str | Path, family: str | None = None) -> str:
     """A printable table: family, time convention, then one line per 0-based block (name, width)."""
     path = Path(source)
-    if family in (None, "pixart", "sd3", "flux", "generic") and not path.is_file():
+    if not path.exists() and not HUB_ID.fullmatch(str(source)):
+        raise ValueError(f"{source}: no such file or folder, and not a hub id")
+    if family in (None, "pixart", "sd3", "flux", "diffusers") and not path.is_file():
         family_name, time, layers = _diffusers_layers(source, family)
     elif family in (None, "sit", "dit") and path.is_file():
         family_name, time, layers = _dit_layers(path, family or "dit")
@@ -34,15 +36,15 @@ def describe_source(source: str | Path, family: str | None = None) -> str:
 def _diffusers_layers(source: str | Path, family: str | None) -> tuple[str, TimeConvention, list[Layer]]:
     import diffusers
 
-    from difffeat.models.diffusers_dits import FAMILIES, DiffusersBackbone, _read_config, sniff_family
+    from difffeat.models.diffusers_dits import ADAPTERS, _read_config, sniff_family
 
     family = family or sniff_family(source)
     cfg = _read_config(source, "transformer/config.json")
-    cls = getattr(diffusers, FAMILIES[family].transformer_class or cfg["_class_name"])
+    cls = getattr(diffusers, ADAPTERS[family].spec.transformer_class or cfg["_class_name"])
     with torch.device("meta"):
         transformer = cls.from_config(cfg)
     scheduler = _read_config(source, "scheduler/scheduler_config.json")
-    backbone = DiffusersBackbone(transformer, family, scheduler)
+    backbone = ADAPTERS[family](transformer, scheduler)
     return family, backbone.time, backbone.layers()
 
 

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from difffeat.models.base import DDPM, Layer, TimeConvention
+from difffeat.models.base import DDPM, Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import resolve_indices
 from difffeat.models.schedule import per_sample_randn
+from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 
 FLOW = TimeConvention(
     "flow", 0.0, 1.0, 0.0, False,
@@ -66,7 +67,7 @@ FAMILIES = {
     "flux": Family(
         "flux", "FluxTransformer2DModel", "FluxPipeline", ("transformer_blocks", "single_transformer_blocks"), True
     ),
-    "generic": Family("generic", "", None, ("transformer_blocks",), False),
+    "diffusers": Family("diffusers", "", None, ("transformer_blocks",), False),
 }
 _BY_CLASS = {f.transformer_class: f.name for f in FAMILIES.values() if f.transformer_class}
 
@@ -120,52 +121,150 @@ def ddpm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 
 
 class DiffusersBackbone:
-    """A diffusers transformer with early exit, its noise convention and its (cached) conditioning."""
+    """A diffusers transformer with its VAE, early exit, its noise convention and its (cached) conditioning.
 
-    modality = "image"
+    This class is the generic adapter (registered as ``diffusers``): any diffusers transformer with a
+    ``transformer_blocks`` list, conditioned on what the caller passes (``null_condition``: per-row tensors;
+    ``fixed_inputs``: other forward arguments, as they are). The subclasses below add each family's prompt
+    encoding and input preparation.
+    """
+
+    family: ClassVar[str] = "diffusers"
+    modality: ClassVar[str] = "image"
+    spec: ClassVar[Family] = FAMILIES["diffusers"]
+    hub_names: ClassVar[tuple[str, ...]] = ()  # words in a hub id that name this family
 
     def __init__(
         self,
         transformer: nn.Module,
-        family: str,
         scheduler_config: dict,
+        vae: Any = None,
         *,
+        image_size: int | None = None,
+        sample_posterior: bool = True,
         null_condition: dict[str, torch.Tensor] | None = None,
-        encode_caption: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None,
+        fixed_inputs: dict[str, Any] | None = None,
+        prompts: _PromptEncoder | None = None,
         stream: str = "image",
         guidance: float = 3.5,
     ) -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
-        self.transformer = transformer
-        self.family = FAMILIES[family]
-        if stream != "image" and not self.family.joint:
-            raise ValueError(f"stream={stream!r} needs a joint text+image model (SD3, FLUX), not {family}")
+        if stream != "image" and not self.spec.joint:
+            raise ValueError(f"stream={stream!r} needs a joint text+image model (SD3, FLUX), not {self.family}")
+        self.module = transformer.eval().requires_grad_(False)
         self.scheduler_config = scheduler_config
+        self.encoder = LatentEncoder(vae, sample=sample_posterior) if vae is not None else None
+        self.image_size = image_size or _default_image_size(transformer, vae)
         self.null_condition = null_condition or {}
-        self.encode_caption = encode_caption
+        self.fixed_inputs = fixed_inputs or {}
+        self.prompts = prompts
         self.stream = stream
         self.guidance = guidance
         self.time: TimeConvention = FLOW if "FlowMatch" in scheduler_config.get("_class_name", "") else DDPM
         self._blocks = [
-            (f"{attr}.{i}", b) for attr in self.family.block_lists for i, b in enumerate(_list(transformer, attr))
+            (f"{attr}.{i}", b) for attr in self.spec.block_lists for i, b in enumerate(_list(transformer, attr))
         ]
+
+    # --- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        """Never: a bare transformer carries neither its scheduler nor its prompt encoding; load the pipeline."""
+        return False
+
+    @classmethod
+    def recognises(cls, source: str) -> bool:
+        """A pipeline root whose ``transformer/config.json`` names this family's class, or a hub id naming it.
+        The generic adapter recognises nothing: a user picks it with ``backbone="diffusers"``."""
+        config = Path(source) / "transformer" / "config.json"
+        if config.is_file():
+            return bool(cls.spec.transformer_class) and (
+                json.loads(config.read_text()).get("_class_name") == cls.spec.transformer_class
+            )
+        return bool(cls.hub_names) and hub_id_mentions(source, *cls.hub_names)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        vae: str | nn.Module | None = None,
+        image_size: int | None = None,
+        sample_posterior: bool = True,
+        condition: str = "null",
+        stream: str = "image",
+        dtype: str | torch.dtype = "float32",
+        guidance: float = 3.5,
+        max_sequence_length: int | None = None,
+        null_condition: dict[str, torch.Tensor] | None = None,
+        fixed_inputs: dict[str, Any] | None = None,
+    ) -> DiffusersBackbone:
+        """A pipeline root (local folder or hub id holding ``transformer/``, ``scheduler/``, ``vae/``,
+        ``text_encoder*/``, ``tokenizer*/``) as a backbone.
+
+        The transformer, the VAE and the empty prompt's embedding are kept; the text encoders only with
+        ``condition="caption"``. ``dtype`` ("float32", "bfloat16", "float16") is the weights' dtype: a 12B FLUX
+        needs bfloat16 to fit one GPU. ``vae`` replaces the pipeline's own. The generic adapter takes no text
+        encoders: pass ``null_condition`` / ``fixed_inputs`` yourself.
+        """
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+        dtype = _dtype(dtype)
+        transformer = _load_transformer(source, cls.spec, dtype)
+        scheduler = _read_config(source, "scheduler/scheduler_config.json")
+        if isinstance(vae, str | Path) or (vae is None and _has(source, "vae/config.json")):
+            vae = load_vae(vae or source, subfolder=None if vae else "vae", dtype=dtype)
+        prompts = None
+        if cls.spec.pipeline_class:
+            prompts = _prompt_encoder(source, cls.spec, dtype, max_sequence_length)
+            null_condition = prompts.encode([""])
+            if condition == "null":
+                prompts = None  # drops the only reference to the text encoders
+        elif condition == "caption":
+            raise ValueError("the generic diffusers adapter has no text encoders: condition='caption' needs a family")
+        return cls(
+            transformer, scheduler, vae, image_size=image_size, sample_posterior=sample_posterior,
+            null_condition=null_condition, fixed_inputs=fixed_inputs, prompts=prompts, stream=stream,
+            guidance=guidance,
+        )  # fmt: skip
+
+    # --- what the featurizer asks -------------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
         return len(self._blocks)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: torch.device | str) -> DiffusersBackbone:
+        self.module.to(device)
+        if self.encoder is not None:
+            self.encoder.vae.to(device)
+        if self.prompts is not None:
+            self.prompts.pipeline.to(device)
+        self.null_condition = {k: v.to(device) for k, v in self.null_condition.items()}
+        return self
+
     def layers(self) -> list[Layer]:
-        width = _inner_dim(self.transformer)
+        width = _inner_dim(self.module)
         return [Layer(i, name, width) for i, (name, _) in enumerate(self._blocks)]
 
-    # --- noise --------------------------------------------------------------------------------------------------
+    def encode(self, inputs: Any, keys: Sequence[str | int], seed: int) -> Clean:
+        """Images (PIL list / uint8 / float in [-1, 1]) -> ``(latent_dist.sample() - shift_factor) *
+        scaling_factor`` of this model's VAE, with per-sample seeded posterior noise."""
+        if self.encoder is None:
+            raise ValueError("this backbone has no VAE (the pipeline has no vae/): pass vae= or latents=")
+        return Clean(self.encoder.encode(images_to_tensor(inputs, self.image_size), keys, seed))
 
-    def noise(self, x0: torch.Tensor, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
+    def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """``x0`` noised to time ``t`` (this model's convention) with per-sample seeded noise."""
         t = self.time.check(t)
-        eps = per_sample_randn(x0.shape[1:], keys, seed, t, draw).to(x0.device, x0.dtype)
-        return self.interpolate(x0, eps, t)
+        x = x0.x
+        eps = per_sample_randn(x.shape[1:], keys, seed, t, draw).to(x.device, x.dtype)
+        return self.interpolate(x, eps, t)
 
     def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
         if self.time is FLOW:
@@ -179,22 +278,32 @@ class DiffusersBackbone:
         tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)  # FLUX packs 2x2 latent patches into one token
         return flow_sigma(float(t), self.scheduler_config, image_seq_len=tokens)
 
-    # --- conditioning -------------------------------------------------------------------------------------------
+    def model_time(self, t: float, n: int) -> torch.Tensor:
+        """The time in this model's convention; ``forward_intermediates`` turns it into the network's input
+        (DDPM index; 1000 s(t) for flow models, whose shifted s depends on the latent size for FLUX)."""
+        return torch.full((n,), float(self.time.check(t)), device=self.device)
 
-    def condition(self, n: int, captions: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def condition(
+        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The cached empty-prompt embedding repeated n times, or the captions' own (condition="caption")."""
+        if label is not None:
+            raise ValueError(f"a {self.family} model is conditioned on a prompt, not on a class label")
         if captions is None:
             return {k: v.expand(n, *v.shape[1:]) for k, v in self.null_condition.items()}
-        if self.encode_caption is None:
+        if self.prompts is None:
             raise ValueError("caption conditioning needs the text encoders: load with condition='caption'")
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} images")
-        return self.encode_caption(list(captions))
-
-    # --- forward ------------------------------------------------------------------------------------------------
+        return self.prompts.encode(list(captions))
 
     def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor | float, blocks: Sequence[int], **cond: Any
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        blocks: Sequence[int],
+        mask: torch.Tensor | None = None,
+        **cond: Any,
     ) -> dict[int, torch.Tensor]:
         """Tokens ``[N, T, D]`` after each asked block (the ``stream`` chosen), stopping after the deepest one."""
         wanted = resolve_indices(blocks, self.depth)
@@ -210,7 +319,7 @@ class DiffusersBackbone:
 
         handles = [self._blocks[i][1].register_forward_hook(capture(i)) for i in wanted]
         try:
-            self.transformer(**self.model_inputs(x, t, cond), return_dict=False)
+            self.module(**self.model_inputs(x, t, cond), return_dict=False)
         except _StopForward:
             pass
         finally:
@@ -218,27 +327,53 @@ class DiffusersBackbone:
                 handle.remove()
         return out
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block's forward: the hooks that capture and stop stay outside the graph, and
+        blocks of one list share a code object, so one graph serves them."""
+        for _, block in self._blocks:
+            block.forward = torch.compile(block.forward)
+
+    # --- inputs of diffusers' forward ---------------------------------------------------------------------------
+
     def model_inputs(self, x: torch.Tensor, t: torch.Tensor | float, cond: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of diffusers' forward for latents ``x [N, C, H, W]`` at time ``t``."""
         n = x.shape[0]
         cond = cond or self.condition(n)
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = next(self.module.parameters()).dtype
         x = x.to(dtype)
-        cond = {k: _to(v, x.device, dtype) for k, v in cond.items()}
+        cond = {k: _to(v, x.device, dtype) for k, v in {**self.fixed_inputs, **cond}.items()}
         times = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(n)
         if self.time is FLOW:
-            sigma = torch.tensor([self.sigma(float(v), x) for v in times])
-            times = sigma * 1000
-        times = times.to(x.device)
-        if self.family.name == "flux":
-            return self._flux_inputs(x, times / 1000, cond)
-        if self.family.name == "pixart":
-            return {"hidden_states": x, "timestep": times, "added_cond_kwargs": self._pixart_added(x), **cond}
+            times = torch.tensor([self.sigma(float(v), x) for v in times]) * 1000
+        return self._inputs(x, times.to(x.device), cond)
+
+    def _inputs(self, x: torch.Tensor, times: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
         return {"hidden_states": x, "timestep": times, **cond}
+
+    def _select(self, output: Any, index: int) -> torch.Tensor:
+        if not self.spec.joint:
+            return output[0] if isinstance(output, tuple) else output
+        text, image = output
+        if self.stream == "image":
+            return image
+        if text is None:  # SD3's last block updates only the image tokens (context_pre_only)
+            raise ValueError(f"block {index} ({self._blocks[index][0]}) outputs no text tokens; ask an earlier block")
+        return text if self.stream == "text" else torch.cat([text, image], dim=1)
+
+
+class PixArtBackbone(DiffusersBackbone):
+    """PixArt-α / PixArt-Σ: DDPM time, T5 prompt with its attention mask."""
+
+    family = "pixart"
+    spec = FAMILIES["pixart"]
+    hub_names = ("pixart",)
+
+    def _inputs(self, x: torch.Tensor, times: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        return {"hidden_states": x, "timestep": times, "added_cond_kwargs": self._pixart_added(x), **cond}
 
     def _pixart_added(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """PixArt-α 1024 px also embeds the image size and aspect ratio (pixels, as its pipeline passes them)."""
-        if not getattr(self.transformer, "use_additional_conditions", False):
+        if not getattr(self.module, "use_additional_conditions", False):
             return {"resolution": None, "aspect_ratio": None}
         h, w = x.shape[-2] * 8, x.shape[-1] * 8
         n = x.shape[0]
@@ -247,32 +382,55 @@ class DiffusersBackbone:
             "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).expand(n, 1),
         }
 
-    def _flux_inputs(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
-        """FLUX reads 2x2-packed latent tokens with 3-axis rotary ids, as ``FluxPipeline`` prepares them."""
+
+class SD3Backbone(DiffusersBackbone):
+    """SD3 / SD3.5 (MMDiT): flow time with the scheduler's static shift, CLIP-L + CLIP-G + T5 prompt."""
+
+    family = "sd3"
+    spec = FAMILIES["sd3"]
+    hub_names = ("stable-diffusion-3", "sd3")
+
+
+class FluxBackbone(DiffusersBackbone):
+    """FLUX.1: double- then single-stream blocks, 2x2-packed latent tokens, dynamic shift, guidance input."""
+
+    family = "flux"
+    spec = FAMILIES["flux"]
+    hub_names = ("flux",)
+
+    def _inputs(self, x: torch.Tensor, times: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        """FLUX reads 2x2-packed latent tokens with 3-axis rotary ids and time s (not 1000 s), as
+        ``FluxPipeline`` prepares them."""
         from diffusers import FluxPipeline
 
         n, c, h, w = x.shape
         text_len = cond["encoder_hidden_states"].shape[1]
         inputs = {
             "hidden_states": FluxPipeline._pack_latents(x, n, c, h, w),
-            "timestep": sigma.to(x.dtype),
+            "timestep": (times / 1000).to(x.dtype),
             "img_ids": FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype),
             "txt_ids": torch.zeros(text_len, 3, device=x.device, dtype=x.dtype),
             **cond,
         }
-        if self.transformer.config.guidance_embeds:
+        if self.module.config.guidance_embeds:
             inputs["guidance"] = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
         return inputs
 
-    def _select(self, output: Any, index: int) -> torch.Tensor:
-        if not self.family.joint:
-            return output[0] if isinstance(output, tuple) else output
-        text, image = output
-        if self.stream == "image":
-            return image
-        if text is None:  # SD3's last block updates only the image tokens (context_pre_only)
-            raise ValueError(f"block {index} ({self._blocks[index][0]}) outputs no text tokens; ask an earlier block")
-        return text if self.stream == "text" else torch.cat([text, image], dim=1)
+
+ADAPTERS: dict[str, type[DiffusersBackbone]] = {
+    c.family: c for c in (PixArtBackbone, SD3Backbone, FluxBackbone, DiffusersBackbone)
+}
+
+
+def _default_image_size(transformer: nn.Module, vae: Any) -> int:
+    """The pixel side the model was trained at: its latent ``sample_size`` times the VAE's pixels per latent cell
+    (PixArt, SD3); FLUX's transformer has no sample size, so its VAE's (1024 for FLUX.1)."""
+    cells = getattr(transformer.config, "sample_size", None)
+    if vae is None:
+        return (cells or 128) * 8
+    if cells is None:
+        return vae.config.sample_size
+    return cells * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -302,7 +460,7 @@ def _inner_dim(transformer: nn.Module) -> int:
 def sniff_family(source: str | Path) -> str:
     """The family of a pipeline root (or hub id) from ``transformer/config.json``'s class name."""
     cfg = _read_config(source, "transformer/config.json")
-    return _BY_CLASS.get(cfg.get("_class_name", ""), "generic")
+    return _BY_CLASS.get(cfg.get("_class_name", ""), "diffusers")
 
 
 def _read_config(source: str | Path, name: str) -> dict:
@@ -316,51 +474,42 @@ def _read_config(source: str | Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_diffusers_backbone(
-    source: str | Path,
-    *,
-    family: str | None = None,
-    condition: str = "null",
-    stream: str = "image",
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    guidance: float = 3.5,
-    max_sequence_length: int | None = None,
-) -> DiffusersBackbone:
-    """A pipeline root (local folder or hub id holding ``transformer/``, ``scheduler/``, ``text_encoder*/``,
-    ``tokenizer*/``) as a backbone. The transformer and the empty prompt's embedding are kept; the text encoders
-    only with ``condition="caption"``. The generic family takes no text encoders: pass its conditioning yourself.
-    """
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+def load_diffusers_backbone(source: str | Path, *, family: str | None = None, **options: Any) -> DiffusersBackbone:
+    """A pipeline root as the adapter of ``family`` (default: sniffed from the transformer's class); ``options``
+    as :meth:`DiffusersBackbone.from_pretrained`."""
     family = family or sniff_family(source)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown diffusers family {family!r}; known: {', '.join(FAMILIES)}")
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown diffusers family {family!r}; known: {', '.join(ADAPTERS)}")
+    return ADAPTERS[family].from_pretrained(str(source), **options)
+
+
+def _has(source: str | Path, name: str) -> bool:
+    """Whether a pipeline root (folder, or hub id) has the file ``name``."""
+    path = Path(source)
+    if path.exists():
+        return (path / name).is_file()
+    from huggingface_hub import file_exists
+
+    return file_exists(str(source), name)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _load_transformer(source: str | Path, spec: Family, dtype: torch.dtype) -> nn.Module:
     import diffusers
 
     cfg = _read_config(source, "transformer/config.json")
-    cls_name = FAMILIES[family].transformer_class or cfg.get("_class_name", "")
+    cls_name = spec.transformer_class or cfg.get("_class_name", "")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise CheckpointError(f"{source}: transformer class {cls_name!r} is not in diffusers {diffusers.__version__}")
-    transformer = cls.from_pretrained(str(source), subfolder="transformer", torch_dtype=dtype)
-    transformer = transformer.to(device).eval().requires_grad_(False)
-    scheduler = _read_config(source, "scheduler/scheduler_config.json")
-    null, encode = {}, None
-    if FAMILIES[family].pipeline_class:
-        encode = _prompt_encoder(source, family, dtype, device, max_sequence_length)
-        null = encode.encode([""])
-        if condition == "null":
-            encode = None  # drops the only reference to the text encoders
-    return DiffusersBackbone(
-        transformer,
-        family,
-        scheduler,
-        null_condition=null,
-        encode_caption=encode.encode if encode else None,
-        stream=stream,
-        guidance=guidance,
-    )
+    return cls.from_pretrained(str(source), subfolder="transformer", dtype=dtype)
 
 
 class _PromptEncoder:
@@ -386,19 +535,17 @@ class _PromptEncoder:
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
-def _prompt_encoder(
-    source: str | Path, family: str, dtype: torch.dtype, device: str | torch.device, max_len: int | None
-) -> _PromptEncoder:
+def _prompt_encoder(source: str | Path, spec: Family, dtype: torch.dtype, max_len: int | None) -> _PromptEncoder:
     import diffusers
 
     index = _read_config(source, "model_index.json")
-    name = index.get("_class_name", FAMILIES[family].pipeline_class)
-    if family == "pixart" and name not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
-        name = FAMILIES[family].pipeline_class
-    pipeline_cls = getattr(diffusers, name, None) or getattr(diffusers, FAMILIES[family].pipeline_class)
+    name = index.get("_class_name", spec.pipeline_class)
+    if spec.name == "pixart" and name not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+        name = spec.pipeline_class
+    pipeline_cls = getattr(diffusers, name, None) or getattr(diffusers, spec.pipeline_class)
     skip = {k: None for k in ("transformer", "vae") if k in index}
     try:
-        pipe = pipeline_cls.from_pretrained(str(source), torch_dtype=dtype, **skip)
+        pipe = pipeline_cls.from_pretrained(str(source), dtype=dtype, **skip)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{source}: could not load the text encoders of {name} ({exc})") from exc
-    return _PromptEncoder(pipe.to(device), family, max_len)
+    return _PromptEncoder(pipe, spec.name, max_len)

@@ -8,6 +8,8 @@ calibration batch and returned, for the run to record and the report to show.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 SUPPRESS_MODES = ("zero", "normalise")
@@ -40,3 +42,26 @@ def suppress_channels(tokens: torch.Tensor, channels: list[int], mode: str = "ze
         std = picked.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-6)
         out[..., channels] = (picked - mean) / std
     return out
+
+
+MASSIVE_OPTIONS = ("none", *SUPPRESS_MODES)
+
+
+@dataclass(frozen=True)
+class MassiveChannels:
+    """Which channels of each block's tokens are massive (0-based block -> channels), and what to do with them
+    before pooling: ``zero`` (DiTF's channel discard) or ``normalise`` (see :func:`suppress_channels`)."""
+
+    channels: dict[int, list[int]]
+    mode: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.mode not in SUPPRESS_MODES:
+            raise ValueError(f"massive-activation mode must be one of {SUPPRESS_MODES}, got {self.mode!r}")
+
+    def apply(self, block: int, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [N, T, D]`` of ``block`` with its massive channels suppressed (a block never calibrated is
+        an error: no channels found is ``[]``, not a missing entry)."""
+        if block not in self.channels:
+            raise KeyError(f"block {block} was not calibrated for massive activations (have {sorted(self.channels)})")
+        return suppress_channels(tokens, self.channels[block], self.mode)

@@ -23,13 +23,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from difffeat.models.base import Layer, TimeConvention
+from difffeat.models.base import Clean, TimeConvention, hub_id_mentions
 from difffeat.models.dit import DiT, DiTConfig
+from difffeat.models.dit_adapter import DiTAdapter
 from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import per_sample_randn
+from difffeat.models.vae import load_vae
 
 SIT_FLOW = TimeConvention(
     "sit-flow", 0.0, 1.0, 1.0, False,
@@ -68,32 +72,56 @@ def interpolant(name: str) -> Interpolant:
     return INTERPOLANTS[key]
 
 
-class SiTBackbone:
-    """A loaded SiT: flow-time noising, the null class, and DiT's early-exit forward."""
+class SiTBackbone(DiTAdapter):
+    """A loaded SiT: DiT's network, VAE and null class (:class:`DiTAdapter`) with SiT's flow time.
 
-    modality = "image"
+    Not recognised from a file: no tensor tells a SiT ``.pt`` from a DiT one, so a user says ``backbone="sit"``
+    (a hub id naming SiT is the one hint taken).
+    """
+
+    family = "sit"
     time = SIT_FLOW
 
-    def __init__(self, model: DiT, path: str = "linear") -> None:
-        self.model = model
+    def __init__(self, model: DiT, vae: Any = None, *, path: str = "linear", **options: Any) -> None:
+        super().__init__(model, vae, **options)
         self.path = interpolant(path)
 
-    @property
-    def depth(self) -> int:
-        return self.model.depth
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        return False  # a bare DiT network is DiT's: nothing in it says it was trained with flow time
 
-    @property
-    def null_class(self) -> int | None:
-        return self.model.null_class
+    @classmethod
+    def recognises(cls, source: str) -> bool:
+        return hub_id_mentions(source, "sit")
 
-    def layers(self) -> list[Layer]:
-        return [Layer(i, f"blocks.{i}", self.model.hidden_size) for i in range(self.depth)]
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        vae: str | nn.Module | None = None,
+        path: str = "linear",
+        image_size: int | None = None,
+        sample_posterior: bool = True,
+    ) -> SiTBackbone:
+        """An official SiT checkpoint (see :func:`load_sit`) with its SD-VAE (``vae=``: a diffusers
+        ``AutoencoderKL`` module, folder or hub id such as ``stabilityai/sd-vae-ft-ema``)."""
+        model = load_sit(source, path=path).module
+        if isinstance(vae, str | Path):
+            vae = load_vae(vae)
+        elif vae is None and model.config.in_channels != 3:
+            raise ValueError(
+                f"{source}: this SiT reads {model.config.in_channels}-channel latents, so it needs its VAE: pass "
+                "vae= (a diffusers AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
+            )
+        return cls(model, vae, path=path, image_size=image_size, sample_posterior=sample_posterior)
 
-    def noise(self, x0: torch.Tensor, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
+    def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """``x_t = alpha_t x0 + sigma_t eps`` with eps drawn per sample from (seed, key, t, draw)."""
         t = self.time.check(t)
-        eps = per_sample_randn(x0.shape[1:], keys, seed, t, draw).to(x0.device, x0.dtype)
-        return self.interpolate(x0, eps, torch.full((x0.shape[0],), t))
+        x = x0.x
+        eps = per_sample_randn(x.shape[1:], keys, seed, t, draw).to(x.device, x.dtype)
+        return self.interpolate(x, eps, torch.full((x.shape[0],), t))
 
     def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The path at per-sample times ``t [N]`` for given noise (coefficients in float64, cast like x0)."""
@@ -102,16 +130,25 @@ class SiTBackbone:
         alpha, sigma = (c.to(x0.device, x0.dtype).view(shape) for c in (alpha, sigma))
         return alpha * x0 + sigma * eps.to(x0.device, x0.dtype)
 
+    def model_time(self, t: float, n: int) -> torch.Tensor:
+        """The flow time itself: SiT's training loss calls ``model(x_t, t)`` with t in [0, 1]."""
+        return torch.full((n,), float(self.time.check(t)), device=self.device)
+
     def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor | float, blocks: Sequence[int], y: torch.Tensor | int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        blocks: Sequence[int],
+        mask: torch.Tensor | None = None,
+        **cond: Any,
     ) -> dict[int, torch.Tensor]:
         """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
-        return self.model.forward_intermediates(x, _flow_time(t, x), y, blocks)
+        return self.module.forward_intermediates(x, _flow_time(t, x), cond.get("y"), blocks)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | int | None = None) -> torch.Tensor:
         """The official ``SiT.forward``: the full output, its first ``in_channels`` channels when learn_sigma."""
-        out = self.model(x, _flow_time(t, x), y)
-        return out[:, : self.model.config.in_channels]
+        out = self.module(x, _flow_time(t, x), y)
+        return out[:, : self.module.config.in_channels]
 
 
 def _flow_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +167,7 @@ def load_sit(
     map_location: str | torch.device = "cpu",
 ) -> SiTBackbone:
     """An official SiT checkpoint (plain state dict such as ``SiT-XL-2-256x256.pt``, or a ``train.py`` checkpoint,
-    whose ``ema`` is preferred as ``find_model`` does), loaded strictly into DiT's network.
+    whose ``ema`` is preferred as ``find_model`` does), loaded strictly into DiT's network, without a VAE.
 
     ``path`` is the interpolant the checkpoint was trained with (``--path-type``; the released model: Linear). No
     tensor reveals it, nor whether a file is a SiT or a DiT: the caller says so.

@@ -70,8 +70,10 @@ def load_vae(source: str | Path, subfolder: str | None = None, dtype: torch.dtyp
 
 
 class LatentEncoder:
-    """``latent_dist.sample() * scale`` with the posterior noise drawn per sample from (seed, id), so a sample's
-    latent is the same in any batch; ``sample=False`` takes the posterior mean instead.
+    """``(latent_dist.sample() - shift) * scale`` with the posterior noise drawn per sample from (seed, id), so a
+    sample's latent is the same in any batch; ``sample=False`` takes the posterior mean instead. ``shift`` and
+    ``scale`` are the VAE config's ``shift_factor`` (SD3 / FLUX latents are centred, as their img2img pipelines
+    encode; none for the SD-VAE) and ``scaling_factor``.
 
     The VAE runs in channels-last memory format: oneDNN and cuDNN pick faster convolution kernels for it
     (``benchmarks/README.md``, section 1), and the results are the same up to float rounding.
@@ -81,6 +83,7 @@ class LatentEncoder:
         self.vae = vae.to(memory_format=torch.channels_last)
         cfg_scale = getattr(getattr(vae, "config", None), "scaling_factor", None)
         self.scaling_factor = scaling_factor or cfg_scale or SD_VAE_SCALE
+        self.shift_factor = getattr(getattr(vae, "config", None), "shift_factor", None) or 0.0
         self.sample = sample
 
     @torch.inference_mode()
@@ -92,4 +95,4 @@ class LatentEncoder:
         if self.sample:
             eps = to_device(per_sample_randn(z.shape[1:], keys, seed, "vae"), z.device).to(z.dtype)  # no host wait
             z = z + dist.std * eps
-        return (z * self.scaling_factor).float()
+        return ((z - self.shift_factor) * self.scaling_factor).float()

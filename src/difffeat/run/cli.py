@@ -129,5 +129,22 @@ def train_ddit_cmd(
     train_demo_ddit(out, steps=steps, seed=seed)
 
 
+@app.command("layers")
+def layers_cmd(
+    source: Annotated[str, typer.Argument(help="a .pt checkpoint, a diffusers pipeline folder or a hub id")],
+    backbone: Annotated[
+        str | None, typer.Option(help="family when the source does not tell: sit, dit, pixart, sd3, flux, diffusers")
+    ] = None,
+) -> None:
+    """A model's blocks (0-based), widths and time convention, from its configs or tensor shapes alone."""
+    from difffeat.models.describe import describe_source
+
+    try:
+        typer.echo(describe_source(source, backbone))
+    except (ValueError, OSError, KeyError) as exc:
+        typer.secho(f"error: {exc}".splitlines()[0], fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+
 if __name__ == "__main__":  # ``python -m difffeat.run.cli`` / ``torchrun -m difffeat.run.cli``
     app()
