@@ -75,8 +75,7 @@ class DataOptions(Options):
     splits: list[str] = option(
         default_factory=lambda: list(SPLITS),
         choices=SPLITS,
-        numbers=True,
-        help="splits to extract (sweep, search and fit use train and val, evaluate test)",
+        help="splits the extract step fills (sweep, search and fit read train and val, evaluate test)",
     )
     limit: int | None = option(None, min=1, numbers=True, help="keep only the first N samples of each split")
 

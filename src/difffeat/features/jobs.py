@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,16 @@ def entry_fingerprint(
     }
 
 
+def effective_options(model: ImageModelOptions | TextModelOptions, extractor) -> ImageModelOptions | TextModelOptions:
+    """The model options with their defaults replaced by what ``extractor`` actually uses (image size, posterior
+    sampling, max length, special tokens), so leaving an option at its default and spelling the default out share
+    one entry, and an option that has no effect on this model (posterior sampling without a VAE) changes nothing."""
+    if isinstance(model, ImageModelOptions):
+        sample = bool(getattr(extractor.encoder, "sample", False))
+        return replace(model, image_size=extractor.image_size, sample_posterior=sample)
+    return replace(model, max_length=extractor.max_length, add_special=extractor.tokenizer.add_special)
+
+
 def entry_variant(fingerprint: dict) -> str:
     """The store key's variant: a short hash of the fingerprint (which the entry's meta.json holds in full)."""
     return digest(fingerprint, 12)
@@ -334,7 +344,7 @@ def extract_image_split(
     latent_key = cache_latents(store, extractor, split, rows, name, ex, identity.get("vae"), **dist)
     blocks = resolve_indices(blocks, extractor.dit.depth)
     ids = [split.samples[i].id for i in rows]
-    fingerprint = entry_fingerprint("image", model, ex, identity, ids)
+    fingerprint = entry_fingerprint("image", effective_options(model, extractor), ex, identity, ids)
     variant = entry_variant(fingerprint)
     keys = {
         (b, t): EntryKey("image", name, b, t, ex.pool, ex.seed, split.name, variant) for b in blocks for t in timesteps
@@ -390,7 +400,8 @@ def extract_text_split(
     with rank_zero_first(**dist):
         rows = prepare_ids(store, split, ex.skip_bad)
     blocks = resolve_indices(blocks, extractor.ddit.depth)
-    fingerprint = entry_fingerprint("text", model, ex, identity or {}, [split.samples[i].id for i in rows])
+    ids = [split.samples[i].id for i in rows]
+    fingerprint = entry_fingerprint("text", effective_options(model, extractor), ex, identity or {}, ids)
     variant = entry_variant(fingerprint)
     keys = {
         (b, t): EntryKey("text", name, b, t, ex.text_pool, ex.seed, split.name, variant)

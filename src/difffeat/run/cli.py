@@ -12,8 +12,10 @@ import typer
 
 from difffeat.run.config import RunConfig, apply_overrides, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
-zoo_app = typer.Typer(no_args_is_help=True, help="Train the embedded tiny models on the demo data.")
+# plain click help: the rich panels show every flag as taking a <bool> value, which they do not
+PLAIN = {"rich_markup_mode": None, "pretty_exceptions_enable": False}
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, **PLAIN)
+zoo_app = typer.Typer(no_args_is_help=True, help="Train the embedded tiny models on the demo data.", **PLAIN)
 app.add_typer(zoo_app, name="zoo")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see configs/)")]
@@ -28,6 +30,14 @@ RecomputeOpt = Annotated[
 ]
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 STEPS_ALL = ("sweep", "search", "fit", "evaluate", "report")
+
+
+def _help(path: str, example: str = "") -> str:
+    """A flag's help: its option's help text (the one place it is written) and the config key it sets."""
+    from difffeat.utils.options import option_paths
+
+    text = next(f.metadata["help"] for p, f, _ in option_paths(RunConfig) if p == path)
+    return f"{text}{', ' + example if example else ''} (config: {path})"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -98,22 +108,16 @@ def extract(
     config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
     set_: SetOpt = None,
     out: OutOpt = None,
-    dit: Annotated[str | None, typer.Option(help="DiT checkpoint (config: image.dit)")] = None,
-    vae: Annotated[str | None, typer.Option(help="VAE folder or hub id (config: image.vae)")] = None,
-    ddit: Annotated[str | None, typer.Option(help="text model (config: text.ddit)")] = None,
-    data: Annotated[str | None, typer.Option(help="dataset kind (config: data.kind)")] = None,
-    root: Annotated[str | None, typer.Option(help="dataset root (config: data.root)")] = None,
-    blocks: Annotated[
-        str | None, typer.Option(help="image blocks, e.g. 5,11,-1 (config: extract.image_blocks)")
-    ] = None,
-    timesteps: Annotated[
-        str | None, typer.Option(help="image timesteps, e.g. 50,250 (extract.image_timesteps)")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="first N samples of each split (config: data.limit)")] = None,
-    skip_bad: Annotated[
-        bool, typer.Option("--skip-bad", help="record unreadable images and go on (config: extract.skip_bad)")
-    ] = False,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (config: extract.bf16)")] = False,
+    dit: Annotated[str | None, typer.Option(help=_help("image.dit"))] = None,
+    vae: Annotated[str | None, typer.Option(help=_help("image.vae"))] = None,
+    ddit: Annotated[str | None, typer.Option(help=_help("text.ddit"))] = None,
+    data: Annotated[str | None, typer.Option(help=_help("data.kind"))] = None,
+    root: Annotated[str | None, typer.Option(help=_help("data.root"))] = None,
+    blocks: Annotated[str | None, typer.Option(help=_help("extract.image_blocks", "e.g. 5,11,-1"))] = None,
+    timesteps: Annotated[str | None, typer.Option(help=_help("extract.image_timesteps", "e.g. 50,250"))] = None,
+    limit: Annotated[int | None, typer.Option(help=_help("data.limit"))] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=_help("extract.skip_bad"))] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help=_help("extract.bf16"))] = False,
     recompute: RecomputeOpt = False,
 ) -> None:
     """Fill the feature store with the extract section's blocks x timesteps, for every split. Resumable."""

@@ -39,6 +39,7 @@ from difffeat.data import Dataset
 from difffeat.data.core import load_image
 from difffeat.data.registry import load_dataset
 from difffeat.features.jobs import (
+    effective_options,
     entry_fingerprint,
     entry_variant,
     extract_image_split,
@@ -191,8 +192,11 @@ class Experiment:
     def variant(self, modality: str, split: str) -> str:
         """The store variant of this modality's entries of ``split`` (the same for every cell)."""
         ids = [s.id for s in self.samples(split)]
-        model = self.cfg.image if modality == "image" else self.cfg.text
-        return entry_variant(entry_fingerprint(modality, model, self.cfg.extract, self.identities[modality], ids))
+        model, extractor = (
+            (self.cfg.image, self.image_extractor) if modality == "image" else (self.cfg.text, self.text_extractor)
+        )
+        options = effective_options(model, extractor)
+        return entry_variant(entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids))
 
     def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
         ex = self.cfg.extract
