@@ -8,8 +8,8 @@ import torch
 from difffeat.data.core import Sample, Split
 from difffeat.features.extract import ImageFeatureExtractor, _forward
 from difffeat.features.jobs import cache_latents, fill_entries, torch_dtype
-from difffeat.features.store import EntryKey, FeatureStore
 from difffeat.features.options import ExtractOptions
+from difffeat.features.store import EntryKey, FeatureStore
 from difffeat.utils.distributed import barrier
 from helpers import CAPTIONS, images, tiny_dit
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from difffeat.heads.fusion import FusionOptions, FusionHead, FusionResult, fit_fusion
+from difffeat.heads.fusion import FusionHead, FusionOptions, FusionResult, fit_fusion
 from difffeat.heads.probe import ProbeOptions, fit_probe
 from difffeat.metrics import mean_average_precision, single_label_metrics
 

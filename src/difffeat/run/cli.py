@@ -70,7 +70,7 @@ def _guarded(out: Callable[[], str | None], action: Callable[[], object]) -> Non
             raise _fail(f"{exc.strerror or exc}: {folder}") from exc
         raise
     except (ValueError, RuntimeError, KeyError, DataError, StoreError, FolderInUse) as exc:
-        raise _fail(str(exc).strip("'\"")) from exc
+        raise _fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from exc
 
 
 def _config(path: Path | None, sets: list[str] | None, out: str | None, extra: list[str] = ()) -> RunConfig:
