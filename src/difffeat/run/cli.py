@@ -150,7 +150,7 @@ _step("report", "metrics.json, heatmaps, t-SNE, clustering scores and report.htm
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="run folder")] = "runs/demo",
+    out: Annotated[str | None, typer.Option(help="run folder (default: runs/demo, runs/demo-quick)")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer samples and a smaller grid (a smoke test)")] = False,
     set_: SetOpt = None,
     recompute: RecomputeOpt = False,
@@ -158,6 +158,7 @@ def demo(
     """The whole method on the embedded demo data with the embedded tiny models, in minutes on a CPU."""
     from difffeat.run.demo import demo_config, print_summary
 
+    out = out or ("runs/demo-quick" if quick else "runs/demo")  # a smoke test does not claim the full run's folder
     cfg = _run(lambda: apply_overrides(demo_config(out, quick=quick), set_ or []), STEPS_ALL, recompute)
     print_summary(Path(cfg.out))
 

@@ -132,7 +132,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 raise ConfigError(f"override {item!r}", f"{part!r} is not a config section")
             target = target[part]
         target[key] = _parse_yaml(raw, f"override {item!r}")
-    return _build(data, "override")
+    try:
+        return from_dict(RunConfig, data, "cmdline")
+    except OptionError as exc:
+        raise ConfigError(f"{exc.field.removeprefix('cmdline.')} (--set or flag)", exc.message) from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
