@@ -106,9 +106,9 @@ def test_a_config_mistake_is_one_clear_line(tmp_path, yaml_text, needles):
         (["--set", "extract.seed=[1"], ["not valid YAML"]),
         (["--set", "extract.seed"], ["expected section.key=value"]),
         (["--set", "out.x=1"], ["'out' is not a config section"]),
-        (["--set", "extract.shard_size=0"], ["extract.shard_size: 0 is too small"]),
-        (["--limit", "0"], ["data.limit: 0 is too small"]),
-        (["--limit", "-3"], ["data.limit: -3 is too small"]),
+        (["--set", "extract.shard_size=0"], ["extract.shard_size (--set or flag): 0 is too small"]),
+        (["--limit", "0"], ["data.limit (--set or flag): 0 is too small"]),
+        (["--limit", "-3"], ["data.limit (--set or flag): -3 is too small"]),
         ([], ["no modality to run"]),
     ],
 )
