@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from difffeat.heads.probe import ProbeConfig, run_sweep
+from difffeat.heads.probe import ProbeOptions, run_sweep
 
 
 def make_cells(n_cells: int, rows: int, val_rows: int, dim: int, classes: int = 13, seed: int = 0):
@@ -42,7 +42,7 @@ def main() -> None:
         x = feats[block]  # one block per cell, t unused
         return x[: args.rows] if split == "train" else x[args.rows :]
 
-    cfg = ProbeConfig(epochs=200, lr=3e-2, patience=20)  # the demo's probe recipe, torch's default threads
+    cfg = ProbeOptions(epochs=200, lr=3e-2, patience=20)  # the demo's probe recipe, torch's default threads
     blocks = list(range(args.cells))
     times, results = {}, {}
     for name, group_bytes in (("one at a time", 1), ("together", 2**30)):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from difffeat.search import EvalRecord, cache_key, local_search
+from difffeat.search import EvalRecord, SearchOptions, cache_key, local_search
 
 BLOCKS = list(range(28))  # DiT-XL/2 depth
 STEPS = list(range(0, 1000, 50))  # 20 DDPM timesteps
@@ -84,7 +84,7 @@ def test_flat_topped_hill_stops_on_the_plateau_edge():
 
 def test_min_delta_rejects_small_improvements():
     evaluate = single(cone((5, 200), slope=0.01))
-    result = local_search(evaluate, None, IMAGE_GRID, min_delta=0.05)
+    result = local_search(evaluate, None, IMAGE_GRID, SearchOptions(min_delta=0.05))
     assert result.path["image"] == [(14, 500)]
 
 
@@ -101,21 +101,21 @@ def two_peaks(cell: tuple[int, int]) -> float:
     [((5, 150), TWO_PEAKS_LOW), ((14, 500), TWO_PEAKS_HIGH), ((24, 900), TWO_PEAKS_HIGH)],
 )
 def test_two_peaks_reaches_the_optimum_of_the_start_basin(start, expected):
-    result = local_search(single(two_peaks), None, IMAGE_GRID, starts={"image": start})
+    result = local_search(single(two_peaks), None, IMAGE_GRID, SearchOptions(image_start=list(start)))
     assert result.best["image"] == expected
     assert result.path["image"][0] == start
 
 
 def test_budget_exhaustion_stops_at_the_best_evaluated_cell():
     evaluate = single(cone((5, 200)))
-    result = local_search(evaluate, None, IMAGE_GRID, budget=5)
+    result = local_search(evaluate, None, IMAGE_GRID, options=SearchOptions(budget=5))
     assert result.num_evaluations == evaluate.calls == 5
     assert result.budget_exhausted
     assert result.best_scores["image"] == max(record.score for record in result.evaluations)
 
 
 def test_zero_budget_without_cache_evaluates_nothing():
-    result = local_search(single(cone((5, 200))), None, BOTH_GRIDS, budget=0)
+    result = local_search(single(cone((5, 200))), None, BOTH_GRIDS, options=SearchOptions(budget=0))
     assert result.best == {} and result.evaluations == [] and result.best_pair is None
     assert result.budget_exhausted
 
@@ -126,7 +126,7 @@ def test_cache_reuse_makes_no_new_evaluations_and_survives_json():
     first = local_search(single(cone(peak)), None, IMAGE_GRID, cache=cache)
     restored = json.loads(json.dumps(cache))  # what a resumed pipeline reads back from disk
     evaluate = single(cone(peak))
-    second = local_search(evaluate, None, IMAGE_GRID, cache=restored, budget=0)
+    second = local_search(evaluate, None, IMAGE_GRID, cache=restored, options=SearchOptions(budget=0))
     assert evaluate.calls == 0 and second.num_evaluations == 0
     assert second.num_cached == len(first.evaluations)
     assert all(record.cached and record.seconds == 0.0 for record in second.evaluations)
@@ -138,7 +138,7 @@ def test_cache_reuse_makes_no_new_evaluations_and_survives_json():
 def test_cache_lets_an_interrupted_search_resume():
     peak = (5, 200)
     cache: dict = {}
-    partial = local_search(single(cone(peak)), None, IMAGE_GRID, cache=cache, budget=10)
+    partial = local_search(single(cone(peak)), None, IMAGE_GRID, cache=cache, options=SearchOptions(budget=10))
     assert partial.budget_exhausted and partial.best["image"] != peak
     resumed = local_search(single(cone(peak)), None, IMAGE_GRID, cache=cache)
     full = local_search(single(cone(peak)), None, IMAGE_GRID)
@@ -217,13 +217,13 @@ def test_single_modality_skips_the_pair_stage():
 
 
 def test_radius_two_uses_the_wider_neighbourhood():
-    result = local_search(single(lambda cell: 0.0), None, IMAGE_GRID, radius=2)
+    result = local_search(single(lambda cell: 0.0), None, IMAGE_GRID, SearchOptions(radius=2))
     assert result.num_evaluations == 25
 
 
 def test_to_dict_is_json_serialisable():
     evaluate_single, evaluate_pair = pair_landscape((12, 450), (11, 0), (9, 350), (9, 200))
-    result = local_search(evaluate_single, evaluate_pair, BOTH_GRIDS, budget=40)
+    result = local_search(evaluate_single, evaluate_pair, BOTH_GRIDS, options=SearchOptions(budget=40))
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["num_evaluations"] == result.num_evaluations <= 40
     assert data["num_evaluations_unimodal"] + data["num_evaluations_pair"] == data["num_evaluations"]
@@ -237,20 +237,20 @@ def test_to_dict_is_json_serialisable():
     [
         ({"image": (BLOCKS, [500, 0])}, None, "strictly increasing"),
         ({"audio": (BLOCKS, STEPS)}, None, "grids must name"),
-        (IMAGE_GRID, {"image": (14, 501)}, "not on the grid"),
-        (IMAGE_GRID, {"text": (11, 0)}, "without a grid"),
+        (IMAGE_GRID, {"image_start": [14, 501]}, "not on the grid"),
+        (IMAGE_GRID, {"text_start": [11, 0]}, "without a grid"),
     ],
 )
 def test_invalid_inputs_are_rejected(grids, starts, message):
     with pytest.raises(ValueError, match=message):
-        local_search(single(lambda cell: 0.0), None, grids, starts=starts)
+        local_search(single(lambda cell: 0.0), None, grids, SearchOptions(**(starts or {})))
 
 
 @pytest.mark.parametrize("peak", [(5, 200), (27, 0), (20, 850), (14, 500)])
 def test_first_improvement_reaches_the_same_peak_as_steepest_ascent_with_fewer_evaluations(peak):
     first, best = single(cone(peak)), single(cone(peak))
-    a = local_search(first, None, IMAGE_GRID, strategy="first")
-    b = local_search(best, None, IMAGE_GRID, strategy="best")
+    a = local_search(first, None, IMAGE_GRID, SearchOptions(strategy="first"))
+    b = local_search(best, None, IMAGE_GRID, SearchOptions(strategy="best"))
     assert a.best["image"] == b.best["image"] == peak
     assert first.calls <= best.calls
     if peak != (14, 500):  # a walk: about one evaluation per step, plus the final neighbourhood
@@ -261,7 +261,7 @@ def test_first_improvement_reaches_the_same_peak_as_steepest_ascent_with_fewer_e
 @pytest.mark.parametrize("strategy", ["first", "best"])
 def test_the_final_cell_is_a_local_optimum_with_every_neighbour_scored(strategy):
     landscape = lambda cell: math.sin(cell[0] / 3.0) + math.cos(STEPS.index(cell[1]) / 2.0)  # noqa: E731
-    result = local_search(single(landscape), None, IMAGE_GRID, strategy=strategy)
+    result = local_search(single(landscape), None, IMAGE_GRID, SearchOptions(strategy=strategy))
     end = result.best["image"]
     bi, ti = end[0], STEPS.index(end[1])
     neighbours = [(bi + db, STEPS[ti + dt]) for db in (-1, 0, 1) for dt in (-1, 0, 1)
@@ -278,7 +278,7 @@ def test_first_improvement_tries_the_continuing_step_then_axes_then_diagonals():
         calls.append(cell)
         return -lattice_distance(cell, (10, 400))  # peak straight up the block axis from the start
 
-    local_search(record, None, IMAGE_GRID, starts={"image": (14, 400)}, strategy="first")
+    local_search(record, None, IMAGE_GRID, SearchOptions(image_start=[14, 400], strategy="first"))
     # from (14, 400): axis steps before diagonals, so (13, 400) is the 2nd or 3rd call; then momentum: one call
     # per step (12, 400), (11, 400), (10, 400), then the peak's neighbourhood
     assert calls[0] == (14, 400) and (13, 400) in calls[1:3]
@@ -289,14 +289,14 @@ def test_first_improvement_tries_the_continuing_step_then_axes_then_diagonals():
 
 def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="strategy"):
-        local_search(single(lambda cell: 0.0), None, IMAGE_GRID, strategy="random")
+        SearchOptions(strategy="random")
 
 
 def test_search_on_a_real_probe_sweep_reaches_the_grid_optimum_with_part_of_the_grid():
     """Probe scores from real fits on features whose signal fades with lattice distance from one cell."""
     import numpy as np
 
-    from difffeat.heads.probe import ProbeConfig, run_sweep
+    from difffeat.heads.probe import ProbeOptions, run_sweep
 
     blocks, steps, peak = [0, 1, 2, 3, 4], [0, 100, 200, 400, 700], (3, 100)
     rng = np.random.default_rng(0)
@@ -309,7 +309,7 @@ def test_search_on_a_real_probe_sweep_reaches_the_grid_optimum_with_part_of_the_
         noise = np.random.default_rng([block, t, split == "val"]).normal(size=x[split].shape)
         return (fade * x[split] + (1 - fade) * 2.0 * noise).astype(np.float32)
 
-    cfg = ProbeConfig(epochs=30, patience=10, batch_size=256, lr=1e-2, num_threads=1)
+    cfg = ProbeOptions(epochs=30, patience=10, batch_size=256, lr=1e-2, num_threads=1)
     sweep = run_sweep(features, blocks, steps, y["train"], y["val"], cfg, progress=False)
     table = {(b, t): sweep.scores[i, j] for i, b in enumerate(blocks) for j, t in enumerate(steps)}
     result = local_search(lambda m, cell: table[cell], None, {"image": (blocks, steps)})

@@ -35,10 +35,40 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from difffeat.utils.options import Options, option
+
 Cell = tuple[int, int]
 PairKey = tuple[Cell, Cell]
 MODALITIES = ("image", "text")
 STRATEGIES = ("first", "best")
+
+
+def _cell(value: list[int]) -> str | None:
+    return None if len(value) == 2 else f"{value!r} is not a cell; give [block, t]"
+
+
+@dataclass
+class SearchOptions(Options):
+    """How the (block, t) of each modality and the fused pair are chosen: what :func:`local_search` takes and what
+    the run config's ``search:`` section holds. Blocks are 0-based; a negative start block counts from the end."""
+
+    mode: str = option(
+        "search",
+        choices=("search", "grid"),
+        help="search: local search, probes on demand; grid: full sweep, then the search on its table",
+    )
+    image_grid_blocks: list[int] = option(default_factory=list, help="lattice blocks; empty: all of the model's")
+    image_grid_timesteps: list[int] = option(default_factory=list, min=0, help="lattice timesteps; empty: default")
+    text_grid_blocks: list[int] = option(default_factory=list, help="lattice blocks; empty: all of the model's")
+    text_grid_timesteps: list[int] = option(default_factory=list, min=0, help="lattice noise steps; empty: default")
+    image_start: list[int] | None = option(None, check=_cell, help="[block, t]; none: middle block, middle t")
+    text_start: list[int] | None = option(None, check=_cell, help="[block, t]; none: deepest block, t = 0")
+    budget: int | None = option(None, min=0, help="most new evaluations; none: unlimited")
+    radius: int = option(1, min=1, help="neighbourhood half-width in lattice steps")
+    strategy: str = option(
+        "first", choices=STRATEGIES, help="first: first improving neighbour (momentum first); best: steepest ascent"
+    )
+    min_delta: float = option(0.0, min=0, help="a move must beat the current score by more than this")
 
 
 @dataclass(frozen=True)
@@ -323,13 +353,9 @@ def local_search(
     evaluate_single: Callable[[str, Cell], float],
     evaluate_pair: Callable[[Cell, Cell], float] | None,
     grids: dict[str, tuple[Sequence[int], Sequence[int]]],
-    starts: dict[str, Cell] | None = None,
-    budget: int | None = None,
-    radius: int = 1,
+    options: SearchOptions | None = None,
     cache: dict | None = None,
     log: Callable[[EvalRecord], object] | None = None,
-    min_delta: float = 0.0,
-    strategy: str = "first",
 ) -> SearchResult:
     """Find a locally optimal (block, t) per modality and a locally optimal image×text pair (see module doc).
 
@@ -338,20 +364,17 @@ def local_search(
         evaluate_pair: ``(image cell, text cell) -> fused validation score``; None skips the pair stage, which also
             needs both modalities in ``grids``.
         grids: modality ("image" and/or "text") -> (blocks, timesteps), each strictly increasing.
-        starts: start cell per modality; missing ones use the paper-informed defaults.
-        budget: most *new* evaluations over both stages; cached scores are free. None = unlimited.
-        radius: neighbourhood half-width in lattice steps (1 = the 8 surrounding cells).
+        options: starts (cells on the grids; missing ones use the paper-informed defaults), budget (most *new*
+            evaluations over both stages; cached scores are free), radius, strategy and min_delta; the defaults
+            are ``difffeat search``'s. ``mode`` and the grid fields are the pipeline's business, not read here.
         cache: memo dict, mutated in place and JSON-serialisable; pass the same dict again to resume.
         log: called with each :class:`EvalRecord` as it is made (``print`` works; so does persisting ``cache``).
-        min_delta: a move must beat the current score by more than this; ties never count.
-        strategy: "first" (first improving neighbour, momentum first) or "best" (steepest ascent).
     """
-    if budget is not None and budget < 0:
-        raise ValueError(f"budget must be >= 0 or None, got {budget}")
-    if min_delta < 0:
-        raise ValueError(f"min_delta must be >= 0 (a negative one lets the search cycle), got {min_delta}")
+    options = options or SearchOptions()
+    budget, radius, min_delta, strategy = options.budget, options.radius, options.min_delta, options.strategy
+    given = {"image": options.image_start, "text": options.text_start}
+    starts = {name: tuple(cell) for name, cell in given.items() if cell is not None}
     lattices = _build_lattices(grids, radius)
-    starts = dict(starts or {})
     if set(starts) - set(lattices):
         raise ValueError(f"starts name modalities without a grid: {sorted(set(starts) - set(lattices))}")
     starts = {name: lattices[name].check(cell) for name, cell in starts.items()}

@@ -126,11 +126,14 @@ def test_out_of_range_block_is_reported_with_the_value(tmp_path, models):
 
 
 def test_bf16_features_get_their_own_store_entries_and_fused_or_compiled_runs_share():
-    from difffeat.features.jobs import image_variant, text_variant
-    from difffeat.run.config import ExtractConfig, ImageModelConfig
+    from difffeat.features.jobs import entry_fingerprint, entry_variant
+    from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
 
-    plain, model = ExtractConfig(), ImageModelConfig()
-    assert "bf16" in image_variant(model, ExtractConfig(bf16=True)) and "bf16" not in image_variant(model, plain)
-    assert text_variant(ExtractConfig(bf16=True)) == text_variant(plain) + "-bf16"
-    same = ExtractConfig(fuse_timesteps=True, compile=True)
-    assert image_variant(model, same) == image_variant(model, plain) and text_variant(same) == text_variant(plain)
+    def variant(modality, ex):
+        model = ImageModelOptions() if modality == "image" else TextModelOptions()
+        return entry_variant(entry_fingerprint(modality, model, ex, {"dit": "file:1"}, ["a", "b"]))
+
+    plain, same = ExtractOptions(), ExtractOptions(fuse_timesteps=True, compile=True)
+    for modality in ("image", "text"):
+        assert variant(modality, ExtractOptions(bf16=True)) != variant(modality, plain)
+        assert variant(modality, same) == variant(modality, plain)

@@ -8,8 +8,8 @@ import torch
 from difffeat.data.core import Sample, Split
 from difffeat.features.extract import ImageFeatureExtractor, _forward
 from difffeat.features.jobs import cache_latents, fill_entries, torch_dtype
+from difffeat.features.options import ExtractOptions
 from difffeat.features.store import EntryKey, FeatureStore
-from difffeat.run.config import ExtractConfig
 from difffeat.utils.distributed import barrier
 from helpers import CAPTIONS, TINY_WIDTH, assert_features_close, images, tiny_dit
 
@@ -77,7 +77,7 @@ def test_latent_cache_with_loader_workers_is_byte_identical(tmp_path, image_ex):
     arrays = []
     for workers in (0, 2):
         store = FeatureStore(tmp_path / f"w{workers}")
-        ex = ExtractConfig(batch_size=3, shard_size=5, num_workers=workers)
+        ex = ExtractOptions(batch_size=3, shard_size=5, num_workers=workers)
         arrays.append(np.asarray(store.read(cache_latents(store, image_ex, split, rows, "tiny", ex))).tobytes())
     assert arrays[0] == arrays[1]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from difffeat.heads.fusion import FusionConfig, FusionHead, FusionResult, fit_fusion
-from difffeat.heads.probe import ProbeConfig, fit_probe
+from difffeat.heads.fusion import FusionHead, FusionOptions, FusionResult, fit_fusion
+from difffeat.heads.probe import ProbeOptions, fit_probe
 from difffeat.metrics import mean_average_precision, single_label_metrics
 
 # Small width, mini-batches and one thread keep each fit around a second, even on a busy CPU.
@@ -31,7 +31,7 @@ def data() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
 def fit(data: dict, inputs: list[int], **overrides) -> FusionResult:
     """Fit on the chosen modalities (0: a, 1: b)."""
     (*train, y), (*val, vy) = data["train"], data["val"]
-    cfg = FusionConfig(**{**FAST, **overrides})
+    cfg = FusionOptions(**{**FAST, **overrides})
     return fit_fusion([train[i] for i in inputs], y, [val[i] for i in inputs], vy, cfg)
 
 
@@ -61,8 +61,8 @@ def test_add_with_one_input_is_a_factorised_linear_map():
 
 def test_single_input_fusion_matches_the_linear_probe(data):
     (a, _, y), (va, _, vy) = data["train"], data["val"]
-    probe = fit_probe(a, y, va, vy, ProbeConfig(**{k: v for k, v in FAST.items() if k != "width"}))
-    fused = fit_fusion([a], y, [va], vy, FusionConfig(**FAST))
+    probe = fit_probe(a, y, va, vy, ProbeOptions(**{k: v for k, v in FAST.items() if k != "width"}))
+    fused = fit_fusion([a], y, [va], vy, FusionOptions(**FAST))
     assert fused.best_score == pytest.approx(probe.best_score, abs=3.0)
 
 
@@ -98,7 +98,7 @@ def test_seeded_and_single_label(data):
         assert torch.equal(p, q), name
     (xa, _, y), (va, _, vy) = data["train"], data["val"]
     labels, vlabels = y[:, :4].argmax(1), vy[:, :4].argmax(1)  # not separable, but well above chance (25 %)
-    result = fit_fusion([xa], labels, [va], vlabels, FusionConfig(**FAST, loss="ce"))
+    result = fit_fusion([xa], labels, [va], vlabels, FusionOptions(**FAST, loss="ce"))
     probs = result.predict([va])
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert result.best_score == pytest.approx(single_label_metrics(probs, vlabels)["top1"])

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from difffeat.heads.probe import ProbeConfig, ProbeResult, fit_probe, fit_probes, run_sweep
+from difffeat.heads.probe import ProbeOptions, ProbeResult, fit_probe, fit_probes, run_sweep
 from difffeat.metrics import mean_average_precision, single_label_metrics
 
 # Small problems, mini-batches and one thread keep every fit well under a second, even on a busy CPU.
@@ -34,7 +34,7 @@ def linear_problem(n: int, d: int = 32, c: int = 6, noise: float = 0.0, seed: in
 def test_separable_labels_reach_high_map():
     x, y = linear_problem(2000)
     vx, vy = linear_problem(1000, seed=1)
-    result = fit_probe(x, y, vx, vy, ProbeConfig(**FAST))
+    result = fit_probe(x, y, vx, vy, ProbeOptions(**FAST))
     assert result.best_score > 95
     assert result.best_score == pytest.approx(mean_average_precision(result.predict(vx), vy), abs=1e-6)
 
@@ -44,7 +44,7 @@ def test_noise_labels_stay_near_base_rate():
     vx, _ = linear_problem(1000, seed=1)
     rng = np.random.default_rng(5)
     y, vy = (rng.random((2000, 6)) < 0.3).astype(np.float32), (rng.random((1000, 6)) < 0.3).astype(np.float32)
-    result = fit_probe(x, y, vx, vy, ProbeConfig(**FAST))
+    result = fit_probe(x, y, vx, vy, ProbeOptions(**FAST))
     # Random ranking gives AP ~ positive rate; early stopping on val adds only a small optimistic bias.
     assert abs(result.best_score - 100 * vy.mean()) < 6
 
@@ -61,7 +61,7 @@ def test_early_stopping_keeps_best_epoch_weights():
     # Few samples and flipped train labels: val score peaks early, then the probe memorises the flips.
     x, y = flipped_problem(200, flip=0.3, seed=0)
     vx, vy = flipped_problem(1000, flip=0.0, seed=1)
-    cfg = ProbeConfig(epochs=200, patience=30, batch_size=32, lr=1e-2, num_threads=1)
+    cfg = ProbeOptions(epochs=200, patience=30, batch_size=32, lr=1e-2, num_threads=1)
     result = fit_probe(x, y, vx, vy, cfg)
     scores = [row.val_score for row in result.history]
     assert result.best_score == max(scores)
@@ -74,13 +74,13 @@ def test_early_stopping_keeps_best_epoch_weights():
 def test_same_seed_same_result_and_global_rng_untouched():
     x, y = linear_problem(1000, noise=1.0)
     vx, vy = linear_problem(500, noise=1.0, seed=1)
-    cfg = ProbeConfig(**{**FAST, "epochs": 20})
+    cfg = ProbeOptions(**{**FAST, "epochs": 20})
     rng_state = torch.random.get_rng_state()
     a, b = fit_probe(x, y, vx, vy, cfg), fit_probe(x, y, vx, vy, cfg)
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
     assert a.history == b.history and a.best_epoch == b.best_epoch
-    c = fit_probe(x, y, vx, vy, ProbeConfig(**{**FAST, "epochs": 20, "seed": 1}))
+    c = fit_probe(x, y, vx, vy, ProbeOptions(**{**FAST, "epochs": 20, "seed": 1}))
     assert not torch.equal(a.linear.weight, c.linear.weight)
 
 
@@ -93,7 +93,7 @@ def test_standardisation_uses_train_statistics_only():
     vx[:, 3] = vx[:, 3] * 30 - 40
     rule = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     y, vy = (x @ rule > 0).astype(np.float32), (vx @ rule > 0).astype(np.float32)
-    result = fit_probe(x, y, vx, vy, ProbeConfig(**FAST))
+    result = fit_probe(x, y, vx, vy, ProbeOptions(**FAST))
     np.testing.assert_allclose(result.mean.numpy(), x.mean(0), atol=1e-5)
     np.testing.assert_allclose(result.std.numpy(), x.std(0), rtol=1e-5)
     manual = torch.sigmoid(result.linear(torch.as_tensor((vx - x.mean(0)) / x.std(0), dtype=torch.float32)))
@@ -110,8 +110,8 @@ def test_float16_memmap_input(tmp_path):
         m[:] = array
         m.flush()
         maps.append(np.memmap(tmp_path / f"{name}.f16", dtype=np.float16, mode="r", shape=array.shape))
-    from_memmap = fit_probe(maps[0], y, maps[1], vy, ProbeConfig(**FAST))
-    from_f32 = fit_probe(x, y, vx, vy, ProbeConfig(**FAST))
+    from_memmap = fit_probe(maps[0], y, maps[1], vy, ProbeOptions(**FAST))
+    from_f32 = fit_probe(x, y, vx, vy, ProbeOptions(**FAST))
     assert from_memmap.best_score > 95
     assert from_memmap.best_score == pytest.approx(from_f32.best_score, abs=1.0)
 
@@ -121,7 +121,7 @@ def test_single_label_ce_reports_top1():
     centres = rng.normal(size=(4, 16)) * 3
     labels, vlabels = rng.integers(0, 4, 1500), rng.integers(0, 4, 600)
     x, vx = centres[labels] + rng.normal(size=(1500, 16)), centres[vlabels] + rng.normal(size=(600, 16))
-    result = fit_probe(x, labels, vx, vlabels, ProbeConfig(**FAST, loss="ce"))
+    result = fit_probe(x, labels, vx, vlabels, ProbeOptions(**FAST, loss="ce"))
     probs = result.predict(vx)
     assert probs.shape == (600, 4)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -135,7 +135,7 @@ def test_ranks_classes_like_sklearn_logistic_regression():
     scaler = StandardScaler().fit(x)
     reference = OneVsRestClassifier(LogisticRegression(max_iter=2000)).fit(scaler.transform(x), y)
     reference_map = mean_average_precision(reference.predict_proba(scaler.transform(vx)), vy)
-    result = fit_probe(x, y, vx, vy, ProbeConfig(**FAST))
+    result = fit_probe(x, y, vx, vy, ProbeOptions(**FAST))
     assert 70 < reference_map < 97  # a problem where the two could disagree
     assert result.best_score == pytest.approx(reference_map, abs=2.0)
 
@@ -143,7 +143,7 @@ def test_ranks_classes_like_sklearn_logistic_regression():
 def test_save_load_round_trip(tmp_path):
     x, y = linear_problem(1000)
     vx, vy = linear_problem(500, seed=1)
-    result = fit_probe(x, y, vx, vy, ProbeConfig(**{**FAST, "epochs": 10}))
+    result = fit_probe(x, y, vx, vy, ProbeOptions(**{**FAST, "epochs": 10}))
     result.save(tmp_path / "probe.safetensors")
     loaded = ProbeResult.load(tmp_path / "probe.safetensors")
     np.testing.assert_array_equal(loaded.predict(vx), result.predict(vx))
@@ -175,7 +175,7 @@ class Features:
         return np.random.default_rng([block, t, split == "val"]).normal(size=signal.shape).astype(np.float32)
 
 
-SWEEP_CFG = ProbeConfig(epochs=30, patience=10, batch_size=256, lr=1e-2, num_threads=1)
+SWEEP_CFG = ProbeOptions(epochs=30, patience=10, batch_size=256, lr=1e-2, num_threads=1)
 
 
 def test_sweep_finds_the_informative_cell():
@@ -232,7 +232,7 @@ def test_probes_fitted_together_match_probes_fitted_one_at_a_time(loss):
     noise, vnoise = rng.normal(size=x.shape), rng.normal(size=vx.shape)
     if loss == "ce":
         y, vy = y.argmax(1), vy.argmax(1)
-    cfg = ProbeConfig(**{**FAST, "patience": 5}, loss=loss)
+    cfg = ProbeOptions(**{**FAST, "patience": 5}, loss=loss)
     sets, vsets = [x, weak, noise], [vx, vweak, vnoise]
     together = fit_probes(sets, y, vsets, vy, cfg)
     alone = [fit_probe(a, y, v, vy, cfg) for a, v in zip(sets, vsets, strict=True)]
@@ -246,7 +246,7 @@ def test_probes_fitted_together_match_probes_fitted_one_at_a_time(loss):
 def test_probes_fitted_together_need_one_width():
     x, y = linear_problem(100, d=8)
     with pytest.raises(ValueError, match="width"):
-        fit_probes([x, x[:, :4]], y, [x, x[:, :4]], y, ProbeConfig(**FAST))
+        fit_probes([x, x[:, :4]], y, [x, x[:, :4]], y, ProbeOptions(**FAST))
 
 
 def test_sweep_groups_cells_by_memory_and_gives_the_same_scores(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from difffeat.data.cifar import load_cifar100
 from difffeat.data.coco import load_coco
@@ -15,6 +17,7 @@ from difffeat.data.manifest import load_manifest
 from difffeat.data.nuswide import load_nuswide
 from difffeat.data.vg import load_vg500
 from difffeat.data.voc import load_voc2007
+from difffeat.utils.options import OptionError, Options, option
 
 Reader = Callable[..., Dataset]
 
@@ -51,3 +54,47 @@ def load_dataset(kind: str, **kwargs: object) -> Dataset:
     except TypeError as exc:
         raise TypeError(f"dataset kind {kind!r}: {exc}; its parameters are {list(signature.parameters)}") from exc
     return reader(**kwargs)
+
+
+SPLITS = ("train", "val", "test")
+# the reader argument that ``root`` fills, where it is not called ``root``
+ROOT_ARGUMENT = {"manifest": "path", "demo": "cache_dir"}
+
+
+@dataclass
+class DataOptions(Options):
+    """Which samples a run reads: the reader, its folder and options, the splits and an optional cut.
+
+    The kind and the reader options are checked against the registry by :func:`check_data_options` (a reader
+    registered later, like the demo set, is known only then); everything else when the options are built.
+    """
+
+    kind: str = option("demo", numbers=True, help="dataset reader: " + ", ".join(sorted(_READERS)) + ", demo")
+    root: str | None = option(None, numbers=True, help="dataset folder (or manifest file) as distributed")
+    options: dict[str, Any] = option(default_factory=dict, numbers=True, help="reader keyword arguments")
+    splits: list[str] = option(
+        default_factory=lambda: list(SPLITS),
+        choices=SPLITS,
+        help="splits the extract step fills (sweep, search and fit read train and val, evaluate test)",
+    )
+    limit: int | None = option(None, min=1, numbers=True, help="keep only the first N samples of each split")
+
+    def reader_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of the reader: ``options`` plus ``root`` under the name the reader gives it."""
+        kwargs = dict(self.options)
+        if self.root is not None:
+            kwargs[ROOT_ARGUMENT.get(self.kind, "root")] = self.root
+        return kwargs
+
+
+def check_data_options(data: DataOptions, where: str = "data") -> None:
+    """Fail before any file is read when the kind is unknown or a reader option is misspelt."""
+    if data.kind not in _READERS:
+        raise OptionError(f"{where}.kind", f"unknown dataset kind {data.kind!r}; valid kinds: {available_datasets()}")
+    signature = inspect.signature(_READERS[data.kind])
+    try:
+        signature.bind(**data.reader_arguments())
+    except TypeError as exc:
+        raise OptionError(
+            f"{where}.options", f"{exc} for dataset kind {data.kind!r}; its parameters are {list(signature.parameters)}"
+        ) from None

@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from difffeat.data.core import DataError, Split, load_image
-from difffeat.features.options import ExtractConfig, ImageModelConfig, TextModelConfig
-from difffeat.features.store import EntryKey, FeatureStore
+from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
+from difffeat.features.store import EntryKey, FeatureStore, ids_digest
 from difffeat.models.common import resolve_indices
 from difffeat.models.vae import images_to_tensor
 from difffeat.utils.distributed import barrier, rank_zero_first
+from difffeat.utils.options import digest, numbers_fields
 from difffeat.utils.progress import progress
 from difffeat.utils.runtime import to_device
 
@@ -187,13 +188,15 @@ def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
     """Record the split's row order in the store; with ``skip_bad`` leave out samples whose image can't be read.
 
     Returns the sample indices (into ``split``) that are the store's rows. The scan for bad images runs once:
-    a store that already has the id list reuses it.
+    the recorded list is reused while the split's candidate ids and ``skip_bad`` are those that produced it, and
+    replaced otherwise (a new ``data.limit``, a changed dataset, ``--skip-bad`` after a failed run). Replacing it
+    is safe because every entry's key holds the digest of the list it is in the row order of.
     """
     by_id = {s.id: i for i, s in enumerate(split.samples)}
-    try:
-        return [by_id[i] for i in store.ids(split.name)]
-    except Exception:
-        pass
+    source = {"candidates": ids_digest(split.ids), "skip_bad": skip_bad}
+    record = store.id_record(split.name)
+    if record is not None and record.get("source") == source:
+        return [by_id[i] for i in record["ids"]]
     skipped: list[tuple[str, str]] = []
     rows = list(range(len(split)))
     if skip_bad:
@@ -204,22 +207,42 @@ def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
                 rows.append(i)
             except DataError as exc:
                 skipped.append((s.id, str(exc)))
-    store.set_ids(split.name, [split.samples[i].id for i in rows], skipped)
+    store.set_ids(split.name, [split.samples[i].id for i in rows], skipped, source, replace=True)
     return rows
 
 
-def image_variant(model: ImageModelConfig, ex: ExtractConfig) -> str:
-    """The store entry's variant: every setting that changes the features beyond float rounding (bf16 does;
-    fuse_timesteps and compile do not, so they share entries with the plain run)."""
-    parts = [f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
-    parts += [f"y{model.class_label}" if model.class_label is not None else ""]
-    parts += ["dnum" if model.numerics == "diffusers" else "", "bf16" if ex.bf16 else ""]
-    return "-".join(p for p in parts if p)
+def entry_fingerprint(
+    modality: str,
+    model: ImageModelOptions | TextModelOptions,
+    ex: ExtractOptions,
+    identity: Mapping[str, str | None],
+    ids: Sequence[str],
+) -> dict:
+    """Everything that determines the numbers of a feature entry besides its cell: the model's identity (see
+    :mod:`difffeat.utils.identity`), the numbers-changing options of the model and of the extraction for this
+    modality (declared with ``numbers=`` in :mod:`difffeat.features.options`), and the rows it holds."""
+    return {
+        "modality": modality,
+        "identity": dict(identity),
+        "model": numbers_fields(model, modality),
+        "extract": numbers_fields(ex, modality),
+        "ids": ids_digest(ids),
+    }
 
 
-def text_variant(ex: ExtractConfig) -> str:
-    parts = [f"c{ex.caption_reduce}", f"e{ex.ensemble}" if ex.ensemble > 1 else "", "ln" if ex.token_norm else ""]
-    return "-".join(p for p in [*parts, "bf16" if ex.bf16 else ""] if p)
+def effective_options(model: ImageModelOptions | TextModelOptions, extractor) -> ImageModelOptions | TextModelOptions:
+    """The model options with their defaults replaced by what ``extractor`` actually uses (image size, posterior
+    sampling, max length, special tokens), so leaving an option at its default and spelling the default out share
+    one entry, and an option that has no effect on this model (posterior sampling without a VAE) changes nothing."""
+    if isinstance(model, ImageModelOptions):
+        sample = bool(getattr(extractor.encoder, "sample", False))
+        return replace(model, image_size=extractor.image_size, sample_posterior=sample)
+    return replace(model, max_length=extractor.max_length, add_special=extractor.tokenizer.add_special)
+
+
+def entry_variant(fingerprint: dict) -> str:
+    """The store key's variant: a short hash of the fingerprint (which the entry's meta.json holds in full)."""
+    return digest(fingerprint, 12)
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -246,16 +269,27 @@ def _shard_batches(shards: Sequence[int], num_rows: int, shard_size: int, batch_
 
 
 def cache_latents(
-    store: FeatureStore, extractor, split: Split, rows: list[int], name: str, ex: ExtractConfig, **dist
+    store: FeatureStore,
+    extractor,
+    split: Split,
+    rows: list[int],
+    name: str,
+    ex: ExtractOptions,
+    vae: str | None = None,
+    **dist,
 ) -> EntryKey:
     """VAE latents (or preprocessed pixels) of the split, once: they do not depend on the timestep.
+
+    Their key's variant fingerprints what they depend on: the VAE's identity ``vae``, the image size, posterior
+    sample or mean, the seed (in the key) and the rows.
 
     Images are decoded by a DataLoader (``ex.num_workers`` processes, pinned memory on CUDA) that walks this
     rank's pending shards batch by batch in the order the shard loop asks for them.
     """
     posterior = "sample" if getattr(extractor.encoder, "sample", False) else "mean"
-    key = EntryKey("latent", name, -1, -1, "none", ex.seed, split.name, variant=posterior)
     ids = [split.samples[i].id for i in rows]
+    fingerprint = {"vae": vae, "image_size": extractor.image_size, "posterior": posterior, "ids": ids_digest(ids)}
+    key = EntryKey("latent", name, -1, -1, "none", ex.seed, split.name, entry_variant(fingerprint))
     dev = extractor.device
     pending = pending_shards(store, [key], len(rows), ex.shard_size, **dist)
     batches = _shard_batches(pending, len(rows), ex.shard_size, ex.batch_size)
@@ -276,9 +310,7 @@ def cache_latents(
             parts.append(extractor.encode(pixels, ids=ids[b : b + len(pos)], seed=ex.seed, keep_on_device=True))
         return to_host({key: torch.cat(parts).float()})
 
-    fill_entries(
-        store, [key], len(rows), ex.shard_size, compute, {"posterior": posterior}, f"latents {split.name}", **dist
-    )
+    fill_entries(store, [key], len(rows), ex.shard_size, compute, fingerprint, f"latents {split.name}", **dist)
     return key
 
 
@@ -294,22 +326,29 @@ def extract_image_split(
     extractor,
     split: Split,
     name: str,
-    model: ImageModelConfig,
-    ex: ExtractConfig,
+    model: ImageModelOptions,
+    ex: ExtractOptions,
     blocks: Sequence[int],
     timesteps: Sequence[int],
+    identity: Mapping[str, str | None] | None = None,
     **dist,
 ) -> dict[tuple[int, int], EntryKey]:
-    """Image features for every (block, t) of the grid, one truncated forward per timestep and batch."""
+    """Image features for every (block, t) of the grid, one truncated forward per timestep and batch.
+
+    ``identity`` names the weights (``{"dit": ..., "vae": ...}``, see :mod:`difffeat.utils.identity`); the
+    entries' keys fingerprint it with the options and rows (:func:`entry_fingerprint`).
+    """
+    identity = dict(identity or {})
     with rank_zero_first(**dist):
         rows = prepare_ids(store, split, ex.skip_bad)
-    latent_key = cache_latents(store, extractor, split, rows, name, ex, **dist)
+    latent_key = cache_latents(store, extractor, split, rows, name, ex, identity.get("vae"), **dist)
     blocks = resolve_indices(blocks, extractor.dit.depth)
-    variant = image_variant(model, ex)
+    ids = [split.samples[i].id for i in rows]
+    fingerprint = entry_fingerprint("image", effective_options(model, extractor), ex, identity, ids)
+    variant = entry_variant(fingerprint)
     keys = {
         (b, t): EntryKey("image", name, b, t, ex.pool, ex.seed, split.name, variant) for b in blocks for t in timesteps
     }
-    ids = [split.samples[i].id for i in rows]
     dtype, dev = torch_dtype(ex.store_dtype), extractor.device
 
     def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
@@ -336,8 +375,9 @@ def extract_image_split(
                 parts[bt].append(f.to(dtype))
         return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
 
-    config = {"model": asdict(model), "extract": asdict(ex)}
-    fill_entries(store, list(keys.values()), len(rows), ex.shard_size, compute, config, f"image {split.name}", **dist)
+    fill_entries(
+        store, list(keys.values()), len(rows), ex.shard_size, compute, fingerprint, f"image {split.name}", **dist
+    )
     return keys
 
 
@@ -346,17 +386,23 @@ def extract_text_split(
     extractor,
     split: Split,
     name: str,
-    model: TextModelConfig,
-    ex: ExtractConfig,
+    model: TextModelOptions,
+    ex: ExtractOptions,
     blocks: Sequence[int],
     timesteps: Sequence[int],
+    identity: Mapping[str, str | None] | None = None,
     **dist,
 ) -> dict[tuple[int, int], EntryKey]:
-    """Caption features for every (block, step) of the grid, over the same rows as the image branch."""
+    """Caption features for every (block, step) of the grid, over the same rows as the image branch.
+
+    ``identity`` names the weights and tokenizer (``{"ddit": ..., "tokenizer": ...}``), fingerprinted as for images.
+    """
     with rank_zero_first(**dist):
         rows = prepare_ids(store, split, ex.skip_bad)
     blocks = resolve_indices(blocks, extractor.ddit.depth)
-    variant = text_variant(ex)
+    ids = [split.samples[i].id for i in rows]
+    fingerprint = entry_fingerprint("text", effective_options(model, extractor), ex, identity or {}, ids)
+    variant = entry_variant(fingerprint)
     keys = {
         (b, t): EntryKey("text", name, b, t, ex.text_pool, ex.seed, split.name, variant)
         for b in blocks
@@ -391,6 +437,7 @@ def extract_text_split(
                 parts[bt].append(f.to(dtype))
         return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
 
-    config = {"model": asdict(model), "extract": asdict(ex)}
-    fill_entries(store, list(keys.values()), len(rows), ex.shard_size, compute, config, f"text {split.name}", **dist)
+    fill_entries(
+        store, list(keys.values()), len(rows), ex.shard_size, compute, fingerprint, f"text {split.name}", **dist
+    )
     return keys

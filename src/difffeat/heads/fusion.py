@@ -19,19 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from difffeat.heads.probe import ProbeOptions
 from difffeat.heads.train import (
     ArrayLike,
     OneHead,
-    TrainConfig,
     TrainedHead,
     init_prior_bias,
     load_head_file,
     prepare,
     train_heads,
 )
+from difffeat.utils.options import option
 from difffeat.utils.runtime import seeded
 
-__all__ = ["FusionConfig", "FusionHead", "FusionResult", "fit_fusion"]
+__all__ = ["FusionHead", "FusionOptions", "FusionResult", "fit_fusion"]
 
 Mode = Literal["add", "concat"]
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -91,23 +92,45 @@ class FusionHead(nn.Module):
         }
 
 
-@dataclass
-class FusionConfig(TrainConfig):
-    """The shared training recipe (see ``TrainConfig``) plus the head's shape.
+def _ablations(names: list[str]) -> str | None:
+    for name in names:
+        if name not in ("image", "text", "concat") and not (name[:5] == "width" and name[5:].isdigit()):
+            return f"{name!r} is not an ablation; use image, text, concat or width<N> (e.g. width512)"
+    return None
 
-    Attributes:
-        width: projection width (the paper uses 2048).
-        mode: "add" (the paper's) or "concat" (ablation).
-        activation: None (the paper's linear head) or "gelu"/"relu"/"silu" after fusion (ablation).
-        dropout: dropout on the fused representation.
-        batch_size: defaults to 2048 here; a width-2048 head on the full set per step is heavy on a CPU.
+
+@dataclass
+class FusionOptions(ProbeOptions):
+    """The fusion head: its shape, its training recipe (the probe's fields, with the defaults ``difffeat fit``
+    uses), and which ablations, baselines and cheaper search-time fits a run adds. ``fit_fusion`` reads the shape
+    and the recipe; the pipeline reads the rest.
     """
 
-    width: int = 2048
-    mode: Mode = "add"
-    activation: str | None = None
-    dropout: float = 0.0
-    batch_size: int = 2048
+    epochs: int = option(100, min=1, numbers=True, help="most epochs; the cosine schedule spans all of them")
+    batch_size: int = option(1024, min=0, numbers=True, help="rows per step; 0 = full batch")
+    patience: int = option(15, min=1, numbers=True, help="stop after this many epochs without a new best")
+    num_threads: int | None = option(None, min=1, help="torch CPU threads while fitting; none: torch's setting")
+    width: int = option(2048, min=1, numbers=True, help="projection width (the paper's: 2048)")
+    mode: str = option("add", choices=("add", "concat"), numbers=True, help="add projections, or project the concat")
+    activation: str | None = option(
+        None,
+        choices=tuple(_ACTIVATIONS),
+        numbers=True,
+        help="none (the paper's linear head) or an activation after fusion",
+    )
+    dropout: float = option(0.0, min=0, max=0.99, numbers=True, help="dropout on the fused representation")
+    ablations: list[str] = option(
+        default_factory=lambda: ["image", "text", "concat"],
+        check=_ablations,
+        help="extra heads: image, text (one modality), concat, width<N>",
+    )
+    baselines: list[str] = option(
+        default_factory=list,
+        choices=("pixels", "random_init"),
+        help="reference heads: raw pixels, same architecture with random weights",
+    )
+    search_width: int = option(512, min=1, numbers="search", help="width of the fused fits the local search scores")
+    search_epochs: int = option(40, min=1, numbers="search", help="epochs of those fits")
 
 
 @dataclass
@@ -145,7 +168,7 @@ class FusionResult(TrainedHead):
         return cls(head=head.eval(), means=means, stds=stds, **summary)
 
 
-def _head_kwargs(cfg: FusionConfig) -> dict:
+def _head_kwargs(cfg: FusionOptions) -> dict:
     return {"width": cfg.width, "mode": cfg.mode, "activation": cfg.activation, "dropout": cfg.dropout}
 
 
@@ -154,14 +177,14 @@ def fit_fusion(
     train_y: ArrayLike,
     val_feats: Sequence[ArrayLike],
     val_y: ArrayLike,
-    cfg: FusionConfig | None = None,
+    cfg: FusionOptions | None = None,
 ) -> FusionResult:
     """Fit a fusion head on one feature array per modality (same rows, same order in every array).
 
     Each input is standardised with its own train statistics; targets and scoring are as in ``fit_probe``
     (multi-hot + mAP for bce, int indices + top-1 for ce). Deterministic for a given ``cfg.seed``.
     """
-    cfg = cfg or FusionConfig()
+    cfg = (cfg or FusionOptions()).for_targets(train_y)
     data = prepare(train_feats, train_y, val_feats, val_y, cfg.loss, cfg.standardize)
     with seeded(cfg.seed):
         head = FusionHead([x.shape[1] for x in data.inputs], data.num_classes, **_head_kwargs(cfg))

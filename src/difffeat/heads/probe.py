@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +32,48 @@ from difffeat.heads.train import (
     train_heads,
 )
 from difffeat.utils.io import atomic_write_text
+from difffeat.utils.options import Options, option
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
 
 __all__ = [
-    "HistoryRow", "ProbeConfig", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "fit_probes", "run_sweep"
+    "HistoryRow", "ProbeOptions", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "fit_probes", "run_sweep"
 ]  # fmt: skip
 
 
-@dataclass
-class ProbeConfig(TrainConfig):
-    """The probe's training recipe: exactly the shared one (see ``TrainConfig`` for the fields).
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"{value!r} must be > 0"
 
-    Mini-batches (default 1024) rather than full batch: on synthetic 20k x 1152 x 80 features, 1024 peaked at
-    epoch ~70, 4096 at ~170, and full batch was still short of that mAP after 200 epochs; with few samples per
-    feature, full-batch Adam also moves noise directions as fast as signal ones, which mini-batch noise damps.
+
+@dataclass
+class ProbeOptions(Options, TrainConfig):
+    """The training recipe of a linear probe (and, with other defaults, of the fusion head): what ``fit_probe``
+    takes and what the run config's ``probe:`` section holds, one dataclass for both.
+
+    Mini-batches (default 1024) rather than full batch: with few samples per feature, full-batch Adam moves noise
+    directions as fast as signal ones, which mini-batch noise damps.
     """
+
+    epochs: int = option(200, min=1, numbers=True, help="most epochs; the cosine schedule spans all of them")
+    lr: float = option(1e-3, check=_positive, numbers=True, help="peak AdamW learning rate")
+    weight_decay: float = option(1e-4, min=0, numbers=True, help="AdamW (decoupled) weight decay")
+    batch_size: int = option(1024, min=0, numbers=True, help="rows per step; 0 = full batch")
+    patience: int = option(20, min=1, numbers=True, help="stop after this many epochs without a new best")
+    eval_every: int = option(1, min=1, numbers=True, help="validate every this many epochs")
+    standardize: bool = option(True, numbers=True, help="standardise features with train mean/std")
+    seed: int = option(0, min=0, numbers=True, help="seeds init, shuffling and dropout")
+    device: str = option("cpu", help="torch device to train on")
+    num_threads: int | None = option(1, min=1, help="torch CPU threads while fitting; none: torch's setting")
+    loss: str | None = option(
+        None,
+        choices=("bce", "ce"),
+        numbers=True,
+        help="bce (multi-hot targets, mAP) or ce (class indices, top-1); none: from the targets",
+    )
+
+    def for_targets(self, targets: ArrayLike) -> ProbeOptions:
+        """These options with ``loss`` decided by the targets when it is unset: class indices [N] mean ce."""
+        return self if self.loss is not None else replace(self, loss="ce" if np.ndim(targets) == 1 else "bce")
 
 
 @dataclass
@@ -87,14 +113,14 @@ class ProbeResult(TrainedHead):
 
 
 def fit_probe(
-    train_x: ArrayLike, train_y: ArrayLike, val_x: ArrayLike, val_y: ArrayLike, cfg: ProbeConfig | None = None
+    train_x: ArrayLike, train_y: ArrayLike, val_x: ArrayLike, val_y: ArrayLike, cfg: ProbeOptions | None = None
 ) -> ProbeResult:
     """Fit a linear probe with early stopping on validation; deterministic for a given ``cfg.seed``.
 
     Args:
         train_x, val_x: features [N, D] (numpy, memmap float16/float32, or tensor); converted once to float32.
         train_y, val_y: multi-hot [N, C] for ``loss="bce"``, int class indices [N] for ``loss="ce"``.
-        cfg: training recipe; defaults to ``ProbeConfig()``.
+        cfg: training recipe; defaults to ``ProbeOptions()``.
     """
     return fit_probes([train_x], train_y, [val_x], val_y, cfg)[0]
 
@@ -124,7 +150,7 @@ def fit_probes(
     train_y: ArrayLike,
     val_xs: Sequence[ArrayLike],
     val_y: ArrayLike,
-    cfg: ProbeConfig | None = None,
+    cfg: ProbeOptions | None = None,
 ) -> list[ProbeResult]:
     """``fit_probe`` on each of several feature sets of one width (same rows, same labels), trained together.
 
@@ -132,7 +158,7 @@ def fit_probes(
     rounding), but the K probes take one optimiser step per batch instead of K: a probe on a few thousand rows
     costs per-step overhead more than arithmetic (``benchmarks/sweep_probes.py`` measures the difference).
     """
-    cfg = cfg or ProbeConfig()
+    cfg = (cfg or ProbeOptions()).for_targets(train_y)
     data = prepare(train_xs, train_y, val_xs, val_y, cfg.loss, cfg.standardize)
     if len({x.shape[1] for x in data.inputs}) != 1:
         raise ValueError(f"feature sets differ in width: {sorted({x.shape[1] for x in data.inputs})}")
@@ -197,7 +223,7 @@ def run_sweep(
     timesteps: Sequence[int],
     train_y: ArrayLike,
     val_y: ArrayLike,
-    cfg: ProbeConfig | None = None,
+    cfg: ProbeOptions | None = None,
     csv_path: str | os.PathLike | None = None,
     progress: bool = True,
     group_bytes: int = SWEEP_GROUP_BYTES,
@@ -210,7 +236,7 @@ def run_sweep(
     appended (and flushed) as soon as it is done, so a killed sweep loses at most the cell in progress. The CSV
     does not record the config: delete it when the recipe or the labels change.
     """
-    cfg = cfg or ProbeConfig()
+    cfg = cfg or ProbeOptions()
     blocks, timesteps = [int(b) for b in blocks], [int(t) for t in timesteps]
     done = _read_rows(Path(csv_path)) if csv_path is not None else {}
     todo = [(b, t) for b in blocks for t in timesteps if (b, t) not in done]
@@ -238,7 +264,7 @@ def _groups(cells: list[tuple[int, int]], get_features: FeatureSource, group_byt
 
 
 def _probe_cells(
-    get_features: FeatureSource, cells: list[tuple[int, int]], train_y: ArrayLike, val_y: ArrayLike, cfg: ProbeConfig
+    get_features: FeatureSource, cells: list[tuple[int, int]], train_y: ArrayLike, val_y: ArrayLike, cfg: ProbeOptions
 ) -> list[SweepRow]:
     start = time.perf_counter()
     train = [get_features(b, t, "train") for b, t in cells]

@@ -1,186 +1,159 @@
-"""Experiment configuration: YAML files that map one-to-one onto dataclasses.
+"""The run config: YAML that composes the options each piece owns, read and checked in one place.
 
-Every command-line flag has a config twin (``--extract.seed 3`` sets ``extract.seed``). Unknown keys are an
-error naming the file and the key, because a silently ignored typo in a config is a wasted GPU-day.
+Each section is the options dataclass of the piece that uses it (``extract:`` is
+:class:`~difffeat.features.options.ExtractOptions`, ``probe:`` is :class:`~difffeat.heads.probe.ProbeOptions`,
+...), so a notebook call and the CLI run the same thing with the same defaults, and ``--set section.key=value``
+reaches every field. Everything is checked before anything is written: unknown keys, duplicate keys, wrong types,
+values outside their allowed set or range, unknown dataset kinds and misspelt reader options are each one line
+naming the file and the key, because a silently ignored typo in a config is a wasted GPU-day.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from difffeat.features.options import ExtractConfig, ImageModelConfig, TextModelConfig
+from difffeat.data.registry import DataOptions, available_datasets, check_data_options, register_dataset
+from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
+from difffeat.heads.fusion import FusionOptions
+from difffeat.heads.probe import ProbeOptions
+from difffeat.run.report import ReportOptions
+from difffeat.search import SearchOptions
+from difffeat.utils.io import atomic_write_text
+from difffeat.utils.options import OptionError, Options, from_dict, numbers_fields, option, to_dict
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A config file or override that does not fit the schema."""
 
 
 @dataclass
-class DataConfig:
-    kind: str = "demo"  # coco | vg500 | voc2007 | nuswide | cifar100 | manifest | demo
-    root: str | None = None  # dataset folder (or manifest file) as distributed
-    options: dict[str, Any] = field(default_factory=dict)  # reader keyword arguments
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
-    limit: int | None = None  # keep only the first N samples of each split (quick trials)
+class RunConfig(Options):
+    out: str = option("runs/demo", help="run folder")
+    data: DataOptions = option(default_factory=DataOptions, help="which samples")
+    image: ImageModelOptions = option(default_factory=ImageModelOptions, help="the image model")
+    text: TextModelOptions = option(default_factory=TextModelOptions, help="the text model")
+    extract: ExtractOptions = option(default_factory=ExtractOptions, help="feature extraction")
+    probe: ProbeOptions = option(default_factory=ProbeOptions, help="linear probes of the sweep and search")
+    search: SearchOptions = option(default_factory=SearchOptions, help="choice of (block, t)")
+    fusion: FusionOptions = option(default_factory=FusionOptions, help="the fusion head and its ablations")
+    report: ReportOptions = option(default_factory=ReportOptions, help="the report")
 
 
-@dataclass
-class ProbeSettings:
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 1024  # 0 = full batch
-    patience: int = 20
-    standardize: bool = True
-    seed: int = 0
-    num_threads: int | None = 1  # small heads run fastest single-threaded on a shared CPU
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last one,
+    so two ``extract:`` sections would silently drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}", f"key {key!r} appears twice (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
-@dataclass
-class SearchSettings:
-    mode: str = "search"  # search: local search, probes on demand | grid: full sweep, then the search on its table
-    image_grid_blocks: list[int] = field(default_factory=list)
-    image_grid_timesteps: list[int] = field(default_factory=list)
-    text_grid_blocks: list[int] = field(default_factory=list)
-    text_grid_timesteps: list[int] = field(default_factory=list)
-    image_start: list[int] | None = None  # [block, t]; default: middle block, middle t
-    text_start: list[int] | None = None  # default: deepest block, t = 0
-    budget: int | None = None
-    radius: int = 1
-    strategy: str = "first"  # first: first improving neighbour (momentum first) | best: steepest ascent
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{where}, {exc.field}", exc.message) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(where, f"not valid YAML ({' '.join(str(exc).split())})") from None
 
 
-@dataclass
-class FusionSettings:
-    width: int = 2048
-    mode: str = "add"  # add | concat
-    activation: str | None = None
-    ablations: list[str] = field(default_factory=lambda: ["image", "text", "concat"])
-    baselines: list[str] = field(default_factory=list)  # pixels | random_init
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 1024
-    patience: int = 15
-    seed: int = 0
-    num_threads: int | None = None
-    search_width: int = 512  # cheaper fused fits while the local search scores candidate pairs
-    search_epochs: int = 40
+def register_demo() -> None:
+    """The embedded demo set is a reader like any other once registered (the data layer cannot import it)."""
+    if "demo" not in available_datasets():
+        from difffeat.demo.data import demo_dataset
+
+        register_dataset("demo", demo_dataset)
 
 
-@dataclass
-class ReportSettings:
-    tsne_samples: int = 1000
-    tsne_classes: int = 10
-    html: bool = True
+def check_run(cfg: RunConfig, where: str = "config") -> RunConfig:
+    """Checks that need more than one field or the registry; :class:`Options` checked each field already."""
+    register_demo()
+    try:
+        check_data_options(cfg.data, f"{where}.data")
+    except OptionError as exc:
+        raise ConfigError(exc.field, exc.message) from None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where}.out", f"{out} is a file; the run folder must be a folder (give another --out)")
+    sources = {"image": cfg.image.dit, "text": cfg.text.ddit}
+    if not any(sources.get(m) for m in cfg.extract.modalities):
+        raise ConfigError(
+            f"{where}.extract.modalities",
+            f"no modality to run: {cfg.extract.modalities} need image.dit (--dit) and/or text.ddit (--ddit)",
+        )
+    return cfg
 
 
-@dataclass
-class RunConfig:
-    out: str = "runs/demo"
-    data: DataConfig = field(default_factory=DataConfig)
-    image: ImageModelConfig = field(default_factory=ImageModelConfig)
-    text: TextModelConfig = field(default_factory=TextModelConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-    search: SearchSettings = field(default_factory=SearchSettings)
-    fusion: FusionSettings = field(default_factory=FusionSettings)
-    report: ReportSettings = field(default_factory=ReportSettings)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert a YAML value against a (simple) type annotation."""
-    origin = typing.get_origin(tp)
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and int(value) != value):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def _build(data: dict, where: str) -> RunConfig:
+    try:
+        return from_dict(RunConfig, data, where)
+    except OptionError as exc:
+        raise ConfigError(exc.field, exc.message) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config and apply ``section.key=value`` overrides (values parsed as YAML)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read the config ({exc})") from None
+    data = _parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return apply_overrides(from_dict(RunConfig, data, str(path)), overrides or [])
+        raise ConfigError(str(path), "expected a mapping of sections at the top level")
+    return apply_overrides(_build(data, str(path)), overrides or [])
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``section.key=value`` overrides (``--set``); the value is YAML, so lists and none work."""
+    if not overrides:
+        return cfg
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
+            raise ConfigError(f"override {item!r}", "expected section.key=value")
         dotted, raw = item.split("=", 1)
-        node, *rest = dotted.strip().lstrip("-").split(".")
+        *sections, key = dotted.strip().lstrip("-").split(".")
         target = data
-        for part in [node, *rest][:-1]:
+        for part in sections:
             if not isinstance(target.get(part), dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a config section")
+                raise ConfigError(f"override {item!r}", f"{part!r} is not a config section")
             target = target[part]
-        target[[node, *rest][-1]] = yaml.safe_load(raw)
-    return from_dict(RunConfig, data, "overrides")
+        target[key] = _parse_yaml(raw, f"override {item!r}")
+    try:
+        return from_dict(RunConfig, data, "cmdline")
+    except OptionError as exc:
+        raise ConfigError(f"{exc.field.removeprefix('cmdline.')} (--set or flag)", exc.message) from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What makes two configs the same experiment: the model sources and every numbers-changing option.
+
+    Two configs that agree here may share a run folder (a rerun, a resumed run, a faster batch size); two that
+    differ must not silently overwrite each other's ``config.yaml`` and results.
+    """
+    sources = {"image.dit": cfg.image.dit, "image.vae": cfg.image.vae, "text.ddit": cfg.text.ddit,
+               "text.tokenizer": cfg.text.tokenizer}  # fmt: skip
+    return {**sources, **numbers_fields(cfg, scope="all")}
+
+
+def config_changes(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for every field of :func:`run_identity` that differs."""
+    old, new = run_identity(saved), run_identity(cfg)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

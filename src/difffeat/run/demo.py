@@ -11,17 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from difffeat.run.config import (
-    DataConfig,
-    ExtractConfig,
-    FusionSettings,
-    ImageModelConfig,
-    ProbeSettings,
-    ReportSettings,
-    RunConfig,
-    SearchSettings,
-    TextModelConfig,
-)
+from difffeat.data.registry import DataOptions
+from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
+from difffeat.heads.fusion import FusionOptions
+from difffeat.heads.probe import ProbeOptions
+from difffeat.run.config import RunConfig
+from difffeat.run.report import ReportOptions
+from difffeat.search import SearchOptions
 
 ZOO = Path(__file__).parents[1] / "assets" / "zoo"
 DEMO_DIT = ZOO / "demo-dit"
@@ -37,21 +33,21 @@ def demo_config(out: str = "runs/demo", quick: bool = False) -> RunConfig:
     sizes = {"n_train": 600, "n_val": 200, "n_test": 200} if quick else {}
     return RunConfig(
         out=out,
-        data=DataConfig(kind="demo", options={"cache_dir": str(Path(out) / "data"), **sizes}),
-        image=ImageModelConfig(dit=str(DEMO_DIT), name="demo-dit"),
-        text=TextModelConfig(ddit=str(DEMO_DDIT), name="demo-ddit"),
-        extract=ExtractConfig(batch_size=256, shard_size=2048),
+        data=DataOptions(kind="demo", options={"cache_dir": str(Path(out) / "data"), **sizes}),
+        image=ImageModelOptions(dit=str(DEMO_DIT), name="demo-dit"),
+        text=TextModelOptions(ddit=str(DEMO_DDIT), name="demo-ddit"),
+        extract=ExtractOptions(batch_size=256, shard_size=2048),
         # 5000 train rows are 5 steps per epoch: at the default lr the probes and heads stop still improving
         # (benchmarks/README.md, section 8), so the demo raises lr and epochs until they converge.
-        probe=ProbeSettings(epochs=200, lr=3e-2, patience=20, num_threads=None),  # sweeps fit many probes at once
-        search=SearchSettings(
+        probe=ProbeOptions(epochs=200, lr=3e-2, patience=20, num_threads=None),  # sweeps fit many probes at once
+        search=SearchOptions(
             mode="grid",
             image_grid_timesteps=[0, 50, 200, 500] if quick else DEMO_IMAGE_TIMESTEPS,
             text_grid_timesteps=DEMO_TEXT_STEPS[::2] if quick else DEMO_TEXT_STEPS,
             image_grid_blocks=[1, 3, 5] if quick else [],
             text_grid_blocks=[1, 3, 5] if quick else [],
         ),
-        fusion=FusionSettings(
+        fusion=FusionOptions(
             width=512,
             epochs=300,
             lr=1e-2,
@@ -60,7 +56,7 @@ def demo_config(out: str = "runs/demo", quick: bool = False) -> RunConfig:
             search_epochs=40,
             baselines=["pixels", "random_init"],
         ),
-        report=ReportSettings(tsne_samples=300 if quick else 800),
+        report=ReportOptions(tsne_samples=300 if quick else 800),
     )
 
 

@@ -4,49 +4,64 @@ Every step writes its outputs into the run folder and is skipped when they exist
 killed and rerun at any point and the individual steps (``difffeat extract|sweep|search|fit|evaluate|report``)
 can be run one by one. The run folder holds:
 
-    config.yaml            the configuration as run
+    config.yaml            the configuration as run (checked completely before anything is written)
+    .lock                  held while a command writes here: a second writer is refused
     store/                 the feature store (see difffeat.features.store)
-    sweep_<modality>.csv   probe validation scores per (block, t) (grid mode)
+    sweep_<modality>.csv   probe validation scores per (block, t) (grid mode), with sweep_<modality>.json
     search.json            every evaluation of the local search, its path and its choice
     search_cache.json      memo of evaluations, so a resumed search costs nothing twice
-    heads/                 the trained fusion, ablation and baseline heads
+    heads/                 the trained fusion, ablation and baseline heads, each with <name>.json
     results.json           test metrics of every head
     metrics.json           the machine-readable summary; report.html, *.png: the report
+
+Outputs come from the config, never from what happened to be on disk: every cached artefact (id lists, latents,
+features, sweep tables, search cache, heads) carries the fingerprint of what determines its numbers, and one
+whose fingerprint differs is recomputed. A folder holding another experiment's config (other data, models or
+numbers-changing options) is refused unless ``recompute`` is given, so one run never silently overwrites another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from difffeat.data import Dataset
 from difffeat.data.core import load_image
+from difffeat.data.registry import load_dataset
 from difffeat.features.jobs import (
+    effective_options,
+    entry_fingerprint,
+    entry_variant,
     extract_image_split,
     extract_text_split,
     fill_entries,
     model_name,
     prepare_ids,
 )
-from difffeat.features.store import EntryKey, FeatureStore
-from difffeat.heads.fusion import FusionConfig, FusionResult, fit_fusion
-from difffeat.heads.probe import ProbeConfig, fit_probe, run_sweep
+from difffeat.features.store import EntryKey, FeatureStore, ids_digest
+from difffeat.heads.fusion import FusionOptions, FusionResult, fit_fusion
+from difffeat.heads.probe import ProbeOptions, fit_probe, run_sweep
 from difffeat.metrics import multilabel_metrics, single_label_metrics
 from difffeat.models.common import resolve_indices
 from difffeat.models.vae import center_crop_arr
-from difffeat.run.config import RunConfig, save_config
+from difffeat.run.config import ConfigError, RunConfig, check_run, config_changes, register_demo, save_config
 from difffeat.run.summary import chosen_cells
 from difffeat.search import SearchResult, local_search
 from difffeat.utils import distributed
+from difffeat.utils.identity import source_identity
 from difffeat.utils.io import atomic_write_json
+from difffeat.utils.lock import FolderLock
+from difffeat.utils.options import digest, from_dict, numbers_fields
 from difffeat.utils.progress import progress
 from difffeat.utils.runtime import resolve_device
 
@@ -58,20 +73,23 @@ PIXEL_BASELINE_SIZE = 32
 
 def load_data(cfg: RunConfig) -> Dataset:
     """The configured dataset, each split cut to ``data.limit`` samples when set."""
-    from difffeat.data.registry import available_datasets, load_dataset, register_dataset
-    from difffeat.demo.data import demo_dataset
-
-    if "demo" not in available_datasets():
-        register_dataset("demo", demo_dataset)
-
-    kwargs = dict(cfg.data.options)
-    if cfg.data.root is not None:
-        kwargs[{"manifest": "path", "demo": "cache_dir"}.get(cfg.data.kind, "root")] = cfg.data.root
-    ds = load_dataset(cfg.data.kind, **kwargs)
+    register_demo()
+    ds = load_dataset(cfg.data.kind, **cfg.data.reader_arguments())
     if cfg.data.limit:
         for split in ds.splits.values():
             split.samples = split.samples[: cfg.data.limit]
     return ds
+
+
+def check_splits(ds: Dataset, names: Sequence[str]) -> None:
+    """Every split a step needs exists and has samples: said now, not after an hour of extracting the others."""
+    for name in names:
+        if name not in ds.splits:
+            raise ConfigError("data.splits", f"dataset {ds.name!r} has no split {name!r}; it has {sorted(ds.splits)}")
+        if not len(ds.splits[name]):
+            raise ConfigError(
+                "data", f"split {name!r} of dataset {ds.name!r} has no samples; check data.root and options"
+            )
 
 
 class Experiment:
@@ -84,8 +102,7 @@ class Experiment:
         self.store = FeatureStore(self.out / "store")
         self.dist = {"rank": rank, "world": world}
         self.device = resolve_device(cfg.extract.device)
-        if rank == 0:
-            save_config(cfg, self.out / "config.yaml")
+        self._rows: dict[str, list[int]] = {}
 
     # ---- data and models ---------------------------------------------------------------------------
     @cached_property
@@ -131,6 +148,17 @@ class Experiment:
         m = self.cfg.image if modality == "image" else self.cfg.text
         return model_name(m.dit if modality == "image" else m.ddit, m.name)
 
+    @cached_property
+    def identities(self) -> dict[str, dict[str, str | None]]:
+        """What the weights (and tokenizer) are, by content (see difffeat.utils.identity), per modality."""
+        out: dict[str, dict[str, str | None]] = {}
+        if self.cfg.image.dit:
+            out["image"] = {"dit": source_identity(self.cfg.image.dit), "vae": source_identity(self.cfg.image.vae)}
+        if self.cfg.text.ddit:
+            tokenizer = self.cfg.text.tokenizer or _default_tokenizer(self.cfg.text.ddit)
+            out["text"] = {"ddit": source_identity(self.cfg.text.ddit), "tokenizer": source_identity(tokenizer)}
+        return out
+
     def depth(self, modality: str) -> int:
         return self.image_extractor.dit.depth if modality == "image" else self.text_extractor.ddit.depth
 
@@ -153,23 +181,28 @@ class Experiment:
                 ex = self.image_extractor
                 extract_image_split(
                     self.store, ex, self.data.split(split), self.model_name("image"), self.cfg.image,
-                    self.cfg.extract, blocks, timesteps, **self.dist,
+                    self.cfg.extract, blocks, timesteps, self.identities["image"], **self.dist,
                 )  # fmt: skip
             else:
                 extract_text_split(
                     self.store, self.text_extractor, self.data.split(split), self.model_name("text"), self.cfg.text,
-                    self.cfg.extract, blocks, timesteps, **self.dist,
+                    self.cfg.extract, blocks, timesteps, self.identities["text"], **self.dist,
                 )  # fmt: skip
 
-    def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
-        from difffeat.features.jobs import image_variant, text_variant
+    def variant(self, modality: str, split: str) -> str:
+        """The store variant of this modality's entries of ``split`` (the same for every cell)."""
+        ids = [s.id for s in self.samples(split)]
+        model, extractor = (
+            (self.cfg.image, self.image_extractor) if modality == "image" else (self.cfg.text, self.text_extractor)
+        )
+        options = effective_options(model, extractor)
+        return entry_variant(entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids))
 
+    def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
         ex = self.cfg.extract
-        if modality == "image":
-            var, pool = image_variant(self.cfg.image, ex), ex.pool
-        else:
-            var, pool = text_variant(ex), ex.text_pool
-        return EntryKey(modality, model or self.model_name(modality), cell[0], cell[1], pool, ex.seed, split, var)
+        pool = ex.pool if modality == "image" else ex.text_pool
+        name = model or self.model_name(modality)
+        return EntryKey(modality, name, cell[0], cell[1], pool, ex.seed, split, self.variant(modality, split))
 
     def features(self, modality: str, cell: Cell, split: str) -> np.ndarray:
         key = self.key(modality, cell, split)
@@ -180,7 +213,16 @@ class Experiment:
     def samples(self, split: str) -> list:
         """The split's samples in the store's row order (recording that order if this is the first use)."""
         sp = self.data.split(split)
-        return [sp.samples[i] for i in prepare_ids(self.store, sp, self.cfg.extract.skip_bad)]
+        if split not in self._rows:
+            self._rows[split] = prepare_ids(self.store, sp, self.cfg.extract.skip_bad)
+        return [sp.samples[i] for i in self._rows[split]]
+
+    def fingerprint(self, splits: Sequence[str] = ("train", "val"), **parts: object) -> str:
+        """Digest of what any artefact trained on ``splits`` depends on (each modality's features and the
+        labels, in row order), plus ``parts`` (the options of that artefact)."""
+        labels = {s: hashlib.sha256(np.ascontiguousarray(self.targets(s)).tobytes()).hexdigest()[:16] for s in splits}
+        variants = {f"{m}/{s}": self.variant(m, s) for m in self.modalities for s in splits}
+        return digest({"labels": labels, "features": variants, **parts})
 
     def targets(self, split: str) -> np.ndarray:
         """Targets in the store's row order: multi-hot [N, C], or int labels [N] for single-label data."""
@@ -207,25 +249,15 @@ class Experiment:
     def loss(self) -> str:
         return "ce" if self.data.single_label else "bce"
 
-    def probe_config(self) -> ProbeConfig:
-        return ProbeConfig(**asdict(self.cfg.probe), loss=self.loss)
+    def probe_options(self) -> ProbeOptions:
+        return replace(self.cfg.probe, loss=self.cfg.probe.loss or self.loss)
 
-    def fusion_config(self, search: bool = False, **overrides) -> FusionConfig:
+    def fusion_options(self, search: bool = False, **overrides) -> FusionOptions:
+        """The fusion options as configured, or the cheaper ones the local search scores pairs with."""
         f = self.cfg.fusion
-        cfg = FusionConfig(
-            epochs=f.search_epochs if search else f.epochs,
-            lr=f.lr,
-            weight_decay=f.weight_decay,
-            batch_size=f.batch_size,
-            patience=f.patience,
-            seed=f.seed,
-            num_threads=f.num_threads,
-            loss=self.loss,
-            width=f.search_width if search else f.width,
-            mode=f.mode,
-            activation=f.activation,
-        )
-        return replace(cfg, **overrides)
+        if search:
+            overrides = {"width": f.search_width, "epochs": f.search_epochs, **overrides}
+        return replace(f, loss=f.loss or self.loss, **overrides)
 
     def probe_score(self, modality: str, cell: Cell) -> float:
         r = fit_probe(
@@ -233,7 +265,7 @@ class Experiment:
             self.targets("train"),
             self.features(modality, cell, "val"),
             self.targets("val"),
-            self.probe_config(),
+            self.probe_options(),
         )
         return r.best_score
 
@@ -242,7 +274,7 @@ class Experiment:
             s: [self.features("image", image_cell, s), self.features("text", text_cell, s)] for s in ("train", "val")
         }
         r = fit_fusion(
-            feats["train"], self.targets("train"), feats["val"], self.targets("val"), self.fusion_config(True)
+            feats["train"], self.targets("train"), feats["val"], self.targets("val"), self.fusion_options(search=True)
         )
         return r.best_score
 
@@ -269,30 +301,49 @@ def extract_grid(exp: Experiment) -> None:
 
 
 def step_sweep(exp: Experiment) -> dict[str, np.ndarray]:
-    """The full grid per modality: extraction of every cell, then one probe per cell (CSV, resumable)."""
+    """The full grid per modality: extraction of every cell, then one probe per cell (CSV, resumable).
+
+    A table whose fingerprint (features, labels, probe options) is not the current one is started afresh.
+    """
     extract_grid(exp)
     tables = {}
+    probe = exp.probe_options()
     for m in exp.modalities:
         blocks, steps = exp.grid(m)
+        csv_path = exp.out / f"sweep_{m}.csv"
+        _drop_if_stale(csv_path, exp.fingerprint(probe=numbers_fields(probe), modality=m))
         res = run_sweep(
             lambda b, t, split, m=m: exp.features(m, (b, t), split),
-            blocks, steps, exp.targets("train"), exp.targets("val"), exp.probe_config(),
-            csv_path=exp.out / f"sweep_{m}.csv",
+            blocks, steps, exp.targets("train"), exp.targets("val"), probe, csv_path=csv_path,
         )  # fmt: skip
         tables[m] = res.scores
     return tables
+
+
+def _drop_if_stale(path: Path, fingerprint: str) -> None:
+    """Remove ``path`` unless its sidecar ``<stem>.json`` holds ``fingerprint``; then record the fingerprint."""
+    sidecar = path.with_suffix(".json")
+    recorded = json.loads(sidecar.read_text()).get("fingerprint") if sidecar.exists() else None
+    if recorded != fingerprint:
+        path.unlink(missing_ok=True)
+        atomic_write_json(sidecar, {"fingerprint": fingerprint})
 
 
 def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) -> SearchResult:
     """Local search over (block, t) per modality, then over fused pairs; every evaluation logged and cached.
 
     With sweep ``tables`` (grid mode) unimodal scores are looked up in them rather than refitted, and the
-    search still counts every cell it asks for, so its cost can be compared with the grid's.
+    search still counts every cell it asks for, so its cost can be compared with the grid's. The cache holds the
+    fingerprint of what its scores depend on; a cache with another one is not used.
     """
     grids = {m: exp.grid(m) for m in exp.modalities}
-    starts = _starts(exp, grids)
+    options = _resolved_starts(exp, grids)
+    fingerprint = exp.fingerprint(
+        probe=numbers_fields(exp.probe_options()), fusion=numbers_fields(exp.fusion_options(search=True), "all")
+    )
     cache_path = exp.out / "search_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    stored = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = dict(stored.get("scores", {})) if stored.get("fingerprint") == fingerprint else {}
     if tables is not None:  # grid mode: unimodal scores come from the tables (and are counted); pairs are fits
         cache = {k: v for k, v in cache.items() if k.startswith("pair")}
 
@@ -305,27 +356,36 @@ def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) ->
     def log(record) -> None:
         tqdm.write(f"search: {record}")
         if tables is None or record.stage == "pair":  # a killed search resumes without refitting anything
-            atomic_write_json(cache_path, {k: v for k, v in cache.items() if tables is None or k.startswith("pair")})
+            scores = {k: v for k, v in cache.items() if tables is None or k.startswith("pair")}
+            atomic_write_json(cache_path, {"fingerprint": fingerprint, "scores": scores})
 
-    s = exp.cfg.search
-    result = local_search(
-        single, exp.pair_score if len(grids) == 2 else None, grids, starts,
-        budget=s.budget, radius=s.radius, cache=cache, log=log, strategy=s.strategy,
-    )  # fmt: skip
+    pair = exp.pair_score if len(grids) == 2 else None
+    result = local_search(single, pair, grids, options, cache=cache, log=log)
     atomic_write_json(exp.out / "search.json", {**result.to_dict(), "mode": exp.cfg.search.mode})
     return result
 
 
-def _starts(exp: Experiment, grids: dict[str, tuple[list[int], list[int]]]) -> dict[str, Cell]:
-    s, out = exp.cfg.search, {}
+def _resolved_starts(exp: Experiment, grids: dict[str, tuple[list[int], list[int]]]):
+    """The search options with negative start blocks counted from the model's end; a block outside the model
+    is an error (it used to wrap around silently)."""
+    s, starts = exp.cfg.search, {}
     for m, given in (("image", s.image_start), ("text", s.text_start)):
         if m in grids and given:
-            out[m] = (given[0] % exp.depth(m), given[1])
-    return out
+            depth = exp.depth(m)
+            if not -depth <= given[0] < depth:
+                raise ConfigError(f"search.{m}_start", f"block {given[0]} is outside the model's {depth} blocks")
+            starts[f"{m}_start"] = [given[0] % depth, given[1]]
+        else:
+            starts[f"{m}_start"] = None
+    return replace(s, **starts)
 
 
 def step_fit(exp: Experiment) -> dict[str, FusionResult]:
-    """Final heads on train (model selection on val): the fused model, its ablations and baselines."""
+    """Final heads on train (model selection on val): the fused model, its ablations and baselines.
+
+    A head on disk is reused only when its sidecar ``<name>.json`` holds the current fingerprint (its inputs'
+    cells and features, the labels, its options); otherwise it is trained again.
+    """
     cells = chosen_cells(exp.out)
     heads_dir = exp.out / "heads"
     heads_dir.mkdir(exist_ok=True)
@@ -333,18 +393,22 @@ def step_fit(exp: Experiment) -> dict[str, FusionResult]:
     results = {}
     for name, (inputs, overrides) in progress(specs.items(), desc="fit heads"):
         path = heads_dir / f"{name}.safetensors"
-        if path.exists():
+        options = exp.fusion_options(**overrides)
+        fingerprint = exp.fingerprint(head=name, cells=cells, fusion=numbers_fields(options))
+        sidecar = path.with_suffix(".json")
+        if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()).get("fingerprint") == fingerprint:
             results[name] = FusionResult.load(path)
             continue
         tr = [get("train") for get in inputs]
         va = [get("val") for get in inputs]
-        results[name] = fit_fusion(tr, exp.targets("train"), va, exp.targets("val"), exp.fusion_config(**overrides))
+        results[name] = fit_fusion(tr, exp.targets("train"), va, exp.targets("val"), options)
         results[name].save(path)
+        atomic_write_json(sidecar, {"fingerprint": fingerprint})
     return results
 
 
 def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list[Callable[[str], np.ndarray]], dict]]:
-    """name -> (feature getters per input, FusionConfig overrides)."""
+    """name -> (feature getters per input, FusionOptions overrides)."""
 
     def feat(m: str) -> Callable[[str], np.ndarray]:
         return lambda split: exp.features(m, cells[m], split)
@@ -369,15 +433,18 @@ def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list
 
 def pixel_features(exp: Experiment, split: str) -> np.ndarray:
     """Raw pixels (centre crop at 32 px, [0, 1], flattened): the baseline any learned feature must beat."""
-    key = EntryKey("pixels", f"crop{PIXEL_BASELINE_SIZE}", -1, -1, "flat", 0, split)
+    samples = exp.samples(split)
+    fingerprint = {"ids": ids_digest([s.id for s in samples])}
+    key = EntryKey("pixels", f"crop{PIXEL_BASELINE_SIZE}", -1, -1, "flat", 0, split, entry_variant(fingerprint))
     if not exp.store.has(key):
-        samples = exp.samples(split)
 
         def compute(lo: int, hi: int) -> dict[EntryKey, np.ndarray]:
             rows = [np.asarray(center_crop_arr(load_image(s), PIXEL_BASELINE_SIZE)) for s in samples[lo:hi]]
             return {key: (np.stack(rows).reshape(hi - lo, -1) / 255.0).astype(np.float16)}
 
-        fill_entries(exp.store, [key], len(samples), exp.cfg.extract.shard_size, compute, {}, f"pixels {split}")
+        fill_entries(
+            exp.store, [key], len(samples), exp.cfg.extract.shard_size, compute, fingerprint, f"pixels {split}"
+        )
     return exp.store.read(key)
 
 
@@ -397,8 +464,9 @@ def random_init_features(exp: Experiment, modality: str, cell: Cell, split: str)
         extract = extract_image_split if modality == "image" else extract_text_split
         model_cfg = exp.cfg.image if modality == "image" else exp.cfg.text
         extract(
-            exp.store, ex, exp.data.split(split), name, model_cfg, exp.cfg.extract, [cell[0]], [cell[1]], **exp.dist
-        )
+            exp.store, ex, exp.data.split(split), name, model_cfg, exp.cfg.extract, [cell[0]], [cell[1]],
+            exp.identities[modality], **exp.dist,
+        )  # fmt: skip
     return exp.store.read(key)
 
 
@@ -446,10 +514,15 @@ def _jsonable(obj):
 STEPS = ("extract", "sweep", "search", "fit", "evaluate", "report")
 
 
-def run(cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evaluate", "report")) -> Experiment:
+def run(
+    cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evaluate", "report"), recompute: bool = False
+) -> Experiment:
     """Run the experiment: each step resumes from what the run folder already holds.
 
-    ``sweep`` only runs in grid mode; in search mode the search extracts and probes the cells it visits.
+    ``sweep`` runs in grid mode, or when asked for without ``search`` (``difffeat sweep``); in search mode the
+    search extracts and probes the cells it visits. The config is checked completely (values, dataset, splits)
+    and the folder locked before anything is written; a folder holding another experiment is refused unless
+    ``recompute`` (see :func:`claim_folder`).
 
     Under torchrun (:mod:`difffeat.utils.distributed`) every rank takes its share of the extraction (the extract
     section, and in grid mode the sweep grid); then the other ranks return and rank 0 runs the rest alone over
@@ -459,22 +532,40 @@ def run(cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evalu
     unknown = set(steps) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {STEPS}")
+    check_run(cfg)
     where = distributed.info()
+    lock = FolderLock(cfg.out)
+    if where.is_main:
+        lock.acquire()
+    try:
+        return _run_locked(cfg, steps, recompute, where)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: RunConfig, steps: Sequence[str], recompute: bool, where) -> Experiment:
+    if where.is_main:
+        claim_folder(cfg, recompute)
     exp = Experiment(cfg, where.rank, where.world)
     with distributed.rank_zero_first(where.rank, where.world):  # a reader's cache is written by rank 0 alone
-        _ = exp.data
+        check_splits(exp.data, _splits_needed(cfg, steps))
+    if where.is_main:
+        save_config(cfg, exp.out / "config.yaml")
     start = time.time()
     if "extract" in steps:
         step_extract(exp)
+    sweep = ("sweep" in steps and "search" not in steps) or (
+        cfg.search.mode == "grid" and {"sweep", "search"} & set(steps)
+    )
     if where.world > 1:
-        if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps):
+        if sweep:
             extract_grid(exp)
         if not where.is_main:
             return exp
         exp.dist = {"rank": 0, "world": 1}
-    tables = step_sweep(exp) if cfg.search.mode == "grid" and ("sweep" in steps or "search" in steps) else None
+    tables = step_sweep(exp) if sweep else None
     if "search" in steps:
-        step_search(exp, tables)
+        step_search(exp, tables if cfg.search.mode == "grid" else None)
     if "fit" in steps or "evaluate" in steps:
         heads = step_fit(exp)
         if "evaluate" in steps:
@@ -484,3 +575,35 @@ def run(cfg: RunConfig, steps: Sequence[str] = ("sweep", "search", "fit", "evalu
 
         build_report(exp, seconds=time.time() - start)
     return exp
+
+
+def _splits_needed(cfg: RunConfig, steps: Sequence[str]) -> list[str]:
+    needed = list(cfg.data.splits) if "extract" in steps else []
+    if {"sweep", "search", "fit", "evaluate", "report"} & set(steps):
+        needed += ["train", "val"]
+    if {"evaluate", "report"} & set(steps):
+        needed.append("test")
+    return list(dict.fromkeys(needed))
+
+
+def claim_folder(cfg: RunConfig, recompute: bool) -> None:
+    """Refuse to run in a folder whose ``config.yaml`` describes another experiment (other data, models or
+    numbers-changing options) unless ``recompute``: its results would be overwritten. Settings that change no
+    numbers (batch size, device, workers, search budget, report) may change between runs of one folder."""
+    saved_path = Path(cfg.out) / "config.yaml"
+    if recompute or not saved_path.exists():
+        return
+    try:
+        saved = from_dict(RunConfig, yaml.safe_load(saved_path.read_text()) or {}, str(saved_path))
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(
+            str(saved_path), f"cannot compare with the run already in this folder ({exc}); use a new --out, or "
+            "--recompute to run here anyway"
+        ) from None  # fmt: skip
+    changes = config_changes(saved, cfg)
+    if changes:
+        shown = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+        raise ConfigError(
+            "out", f"{cfg.out} holds a run with another config ({shown}); use a new --out, or --recompute to run "
+            "this config here (what changed is recomputed, the rest reused, the old results replaced)"
+        )  # fmt: skip

@@ -13,12 +13,24 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from difffeat.analysis import CLUSTERING_BETTER
 from difffeat.utils.io import atomic_write_text
+from difffeat.utils.options import Options, option
+
+
+@dataclass
+class ReportOptions(Options):
+    """What the report draws. Nothing here is cached: the report is rebuilt from the run's results every time."""
+
+    tsne_samples: int = option(1000, min=1, help="test samples in the t-SNE pictures and clustering scores")
+    tsne_classes: int = option(10, min=1, help="most frequent classes coloured in the t-SNE pictures")
+    html: bool = option(True, help="write report.html")
+
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MISSING = "–"

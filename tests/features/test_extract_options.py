@@ -1,0 +1,101 @@
+"""Every extraction option is settable from the CLI and changes the store key exactly when it changes the numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from difffeat.run.config import RunConfig, apply_overrides
+from difffeat.run.pipeline import Experiment
+from difffeat.utils.options import option_paths
+from helpers import save_tiny_models
+
+# one value other than the base config's for every option the walk sets through ``--set``
+ALTERNATIVES = {
+    "extract.image_blocks": [0],
+    "extract.image_timesteps": [50],
+    "extract.text_blocks": [0],
+    "extract.text_timesteps": [250],
+    "extract.pool": "none",
+    "extract.text_pool": "last",
+    "extract.token_norm": True,
+    "extract.seed": 1,
+    "extract.ensemble": 2,
+    "extract.caption_reduce": "first",
+    "extract.batch_size": 3,
+    "extract.shard_size": 5,
+    "extract.store_dtype": "float16",
+    "extract.bf16": True,
+    "extract.fuse_timesteps": True,
+    "extract.num_workers": 1,
+    "extract.device": "cpu",
+    "extract.skip_bad": True,
+    "image.numerics": "diffusers",
+    "image.class_label": 0,
+    "image.image_size": 32,  # the tiny pixel DiT's own size: spelling out the default changes nothing
+    "image.sample_posterior": False,  # no VAE, so no posterior: changes nothing
+    "text.max_length": 4,
+    "text.add_special": "eos",
+}
+NOT_WALKED = {
+    "extract.compile": "needs a C++ compiler; test_perf_options checks compiled features equal plain ones",
+    "extract.modalities": "which branches run, not how",
+    "image.dit": "a model source: identified by content (tests/run/test_trust.py swaps the weights)",
+    "image.vae": "a model source, as image.dit",
+    "text.ddit": "a model source, as image.dit",
+    "text.tokenizer": "a model source, as image.dit",
+    "image.name": "the label the user gives the model in keys and reports",
+    "text.name": "the label the user gives the model in keys and reports",
+}
+CELLS = {"image": (1, 10), "text": (-1, 100)}  # t > 0: the noise (seed, ensemble) matters
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def base_config(models) -> RunConfig:
+    dit, ddit = models
+    return apply_overrides(
+        RunConfig(),
+        ["data.kind=demo", "data.options={n_train: 8, n_val: 2, n_test: 2}", f"image.dit={dit}", f"text.ddit={ddit}",
+         "image.name=tiny", "text.name=tinytext", "extract.batch_size=4", "extract.shard_size=8",
+         "extract.store_dtype=float32"],
+    )  # fmt: skip
+
+
+def extract_cell(cfg: RunConfig, out, modality: str) -> tuple[str, np.ndarray]:
+    """The store key name and the features of the modality's walk cell, computed afresh in folder ``out``."""
+    from dataclasses import replace
+
+    exp = Experiment(replace(cfg, out=str(out)))
+    block, t = CELLS[modality]
+    block = block % exp.depth(modality)
+    exp.ensure(modality, [block], [t], ["train"])
+    key = exp.key(modality, (block, t), "train")
+    return key.name, np.asarray(exp.store.read(key), dtype=np.float32)
+
+
+def test_the_walk_covers_every_extraction_option():
+    paths = {p for p, _, _ in option_paths(RunConfig) if p.split(".")[0] in ("extract", "image", "text")}
+    assert paths == set(ALTERNATIVES) | set(NOT_WALKED)
+
+
+@pytest.mark.slow
+def test_each_extraction_option_changes_the_store_key_exactly_when_it_changes_the_numbers(tmp_path, models):
+    base = base_config(models)
+    reference = {m: extract_cell(base, tmp_path / "base", m) for m in CELLS}
+    wrong = []
+    for i, (path, value) in enumerate(ALTERNATIVES.items()):
+        cfg = apply_overrides(base, [f"{path}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+        section, name = path.split(".")
+        assert getattr(getattr(cfg, section), name) == value, path  # settable with --set
+        for modality in CELLS:
+            key, features = extract_cell(cfg, tmp_path / f"opt{i}", modality)
+            ref_key, ref = reference[modality]
+            numbers = features.shape != ref.shape or not np.allclose(features, ref, rtol=1e-4, atol=1e-5)
+            if numbers != (key != ref_key):
+                wrong.append(f"{path} ({modality}): numbers changed {numbers}, key changed {key != ref_key}")
+    assert not wrong, wrong
