@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from difffeat.features.store import FeatureStore
 from difffeat.heads.fusion import FusionResult
-from difffeat.models.dit import save_dit
+from difffeat.models.dit_load import save_dit
 from difffeat.run.cli import app
 from difffeat.run.config import RunConfig, apply_overrides, load_config, save_config
 from difffeat.run.pipeline import Experiment, run
