@@ -64,3 +64,24 @@ def test_corrupt_pickle_and_missing_batch(cifar_root: Path) -> None:
     (cifar_root / "cifar-100-python" / "meta").unlink()
     with pytest.raises(DataError, match=r"CIFAR-100 batch not found: .*meta"):
         load_cifar100(cifar_root)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted "dataset" file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_pickle_runs_no_code(cifar_root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = cifar_root / "cifar-100-python" / "meta"
+    path.write_bytes(pickle.dumps({b"fine_label_names": [_Payload(marker)]}, protocol=2))
+    with pytest.raises(DataError, match=r"meta: not a readable CIFAR-100 pickle .*posix.system|os.system"):
+        load_cifar100(cifar_root, val_size=0)
+    assert not marker.exists()

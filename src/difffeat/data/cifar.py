@@ -35,10 +35,29 @@ def load_cifar100(root: str | Path, label: str = "fine", val_size: int | float =
     return Dataset(name=f"cifar100-{label}", classes=classes, splits=splits, single_label=True)
 
 
+# What a CIFAR-100 pickle may name: numpy's array reconstruction and ``_codecs.encode`` (how protocol 2 spells a
+# bytes object when Python 3 writes it; it only encodes a string), nothing else. A pickle can call any global it
+# names, so a crafted "dataset" file would otherwise run code on the machine that reads it.
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-100 file never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[bytes, Any]:
     with open(require_file(path, "CIFAR-100 batch"), "rb") as f:
         try:
-            data = pickle.load(f, encoding="bytes")
+            data = _DataOnlyUnpickler(f, encoding="bytes").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as exc:
             raise DataError(f"{path}: not a readable CIFAR-100 pickle ({exc})") from exc
     if not isinstance(data, dict):
