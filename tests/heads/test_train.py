@@ -12,12 +12,12 @@ from torch import nn
 
 from difffeat.heads.fusion import FusionHead
 from difffeat.heads.probe import StackedLinear
-from difffeat.heads.train import OneHead, TrainConfig, init_prior_bias, train_heads
+from difffeat.heads.train import OneHead, TrainOptions, init_prior_bias, train_heads
 from difffeat.metrics import mean_average_precision
 from difffeat.utils.runtime import seeded
 
 # Few rows and a high learning rate: the heads overfit within a few dozen epochs, so early stopping is exercised.
-CFG = TrainConfig(epochs=60, patience=4, batch_size=16, lr=3e-2, num_threads=1)
+CFG = TrainOptions(epochs=60, patience=4, batch_size=16, lr=3e-2, num_threads=1, loss="bce")
 
 
 def problem(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -29,7 +29,7 @@ def problem(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)], torch.tensor(y)
 
 
-def reference_fit(head: nn.Module, xs: list, y: torch.Tensor, vxs: list, vy: torch.Tensor, cfg: TrainConfig) -> int:
+def reference_fit(head: nn.Module, xs: list, y: torch.Tensor, vxs: list, vy: torch.Tensor, cfg: TrainOptions) -> int:
     """The recipe written out plainly for one head; returns the best epoch and leaves the best weights in ``head``."""
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * math.ceil(len(y) / cfg.batch_size))

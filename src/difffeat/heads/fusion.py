@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from difffeat.heads.probe import ProbeOptions
 from difffeat.heads.train import (
     ArrayLike,
     OneHead,
     TrainedHead,
+    TrainOptions,
     init_prior_bias,
     load_head_file,
     prepare,
@@ -100,7 +100,7 @@ def _ablations(names: list[str]) -> str | None:
 
 
 @dataclass
-class FusionOptions(ProbeOptions):
+class FusionOptions(TrainOptions):
     """The fusion head: its shape, its training recipe (the probe's fields, with the defaults ``difffeat fit``
     uses), and which ablations, baselines and cheaper search-time fits a run adds. ``fit_fusion`` reads the shape
     and the recipe; the pipeline reads the rest.

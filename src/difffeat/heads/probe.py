@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +24,14 @@ from torch import nn
 from difffeat.heads.train import (
     ArrayLike,
     HistoryRow,
-    TrainConfig,
     TrainedHead,
+    TrainOptions,
     init_prior_bias,
     load_head_file,
     prepare,
     train_heads,
 )
 from difffeat.utils.io import atomic_write_text
-from difffeat.utils.options import Options, option
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
 
@@ -41,39 +40,10 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"{value!r} must be > 0"
-
-
 @dataclass
-class ProbeOptions(Options, TrainConfig):
-    """The training recipe of a linear probe (and, with other defaults, of the fusion head): what ``fit_probe``
-    takes and what the run config's ``probe:`` section holds, one dataclass for both.
-
-    Mini-batches (default 1024) rather than full batch: with few samples per feature, full-batch Adam moves noise
-    directions as fast as signal ones, which mini-batch noise damps.
-    """
-
-    epochs: int = option(200, min=1, numbers=True, help="most epochs; the cosine schedule spans all of them")
-    lr: float = option(1e-3, check=_positive, numbers=True, help="peak AdamW learning rate")
-    weight_decay: float = option(1e-4, min=0, numbers=True, help="AdamW (decoupled) weight decay")
-    batch_size: int = option(1024, min=0, numbers=True, help="rows per step; 0 = full batch")
-    patience: int = option(20, min=1, numbers=True, help="stop after this many epochs without a new best")
-    eval_every: int = option(1, min=1, numbers=True, help="validate every this many epochs")
-    standardize: bool = option(True, numbers=True, help="standardise features with train mean/std")
-    seed: int = option(0, min=0, numbers=True, help="seeds init, shuffling and dropout")
-    device: str = option("cpu", help="torch device to train on")
-    num_threads: int | None = option(1, min=1, help="torch CPU threads while fitting; none: torch's setting")
-    loss: str | None = option(
-        None,
-        choices=("bce", "ce"),
-        numbers=True,
-        help="bce (multi-hot targets, mAP) or ce (class indices, top-1); none: from the targets",
-    )
-
-    def for_targets(self, targets: ArrayLike) -> ProbeOptions:
-        """These options with ``loss`` decided by the targets when it is unset: class indices [N] mean ce."""
-        return self if self.loss is not None else replace(self, loss="ce" if np.ndim(targets) == 1 else "bce")
+class ProbeOptions(TrainOptions):
+    """A linear probe's training recipe: the shared one with its defaults; what ``fit_probe`` takes and what the run
+    config's ``probe:`` section holds."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -33,6 +33,7 @@ from difffeat.metrics import (
     single_label_metrics,
 )
 from difffeat.utils.io import atomic_write_bytes
+from difffeat.utils.options import Options, option
 from difffeat.utils.runtime import seeded, torch_threads
 
 ArrayLike = Any  # numpy array, np.memmap or torch.Tensor; kept loose because callers pass whatever the store returns
@@ -42,44 +43,40 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # per-feature (mean, std) of the trai
 _EVAL_CHUNK = 8192  # rows per forward at evaluation/prediction: bounds activation memory for wide heads
 
 
-@dataclass
-class TrainConfig:
-    """Training recipe for a head on cached features.
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"{value!r} must be > 0"
 
-    Attributes:
-        epochs: maximum number of epochs; the cosine schedule spans all of them, early stopping may end sooner.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW (decoupled) weight decay.
-        batch_size: rows per step; 0 trains full-batch (one step per epoch).
-        patience: stop after this many epochs without a new best validation score.
-        eval_every: evaluate on validation every this many epochs (and always at the last epoch).
-        standardize: standardise each feature with train mean/std (val/test reuse the train statistics).
-        seed: seeds initialisation, shuffling and dropout; same inputs and seed give an identical result.
-        device: torch device to train on.
-        num_threads: torch CPU threads while fitting (restored afterwards); None leaves torch's setting. On a
-            shared or oversubscribed CPU 1 is often fastest: every small multi-threaded op waits at an OpenMP
-            barrier, which a busy core stalls.
-        loss: "bce" for multi-label {0,1} targets [N, C] (val score: mAP), "ce" for int targets [N]
-            (val score: top-1 accuracy); both in percent.
+
+@dataclass
+class TrainOptions(Options):
+    """How a head is trained on cached features: the one recipe probes and fusion heads share (their option
+    classes only change defaults), so a probe score and a fusion score differ in the head, never in the recipe.
+
+    Mini-batches (default 1024) rather than full batch: with few samples per feature, full-batch Adam moves noise
+    directions as fast as signal ones, which mini-batch noise damps. One CPU thread by default: on a shared or
+    oversubscribed CPU every small multi-threaded op waits at an OpenMP barrier that a busy core stalls.
     """
 
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 1024
-    patience: int = 20
-    eval_every: int = 1
-    standardize: bool = True
-    seed: int = 0
-    device: str = "cpu"
-    num_threads: int | None = None
-    loss: Loss = "bce"
+    epochs: int = option(200, min=1, numbers=True, help="most epochs; the cosine schedule spans all of them")
+    lr: float = option(1e-3, check=_positive, numbers=True, help="peak AdamW learning rate")
+    weight_decay: float = option(1e-4, min=0, numbers=True, help="AdamW (decoupled) weight decay")
+    batch_size: int = option(1024, min=0, numbers=True, help="rows per step; 0 = full batch")
+    patience: int = option(20, min=1, numbers=True, help="stop after this many epochs without a new best")
+    eval_every: int = option(1, min=1, numbers=True, help="validate every this many epochs")
+    standardize: bool = option(True, numbers=True, help="standardise features with train mean/std")
+    seed: int = option(0, min=0, numbers=True, help="seeds init, shuffling and dropout")
+    device: str = option("cpu", help="torch device to train on")
+    num_threads: int | None = option(1, min=1, help="torch CPU threads while fitting; none: torch's setting")
+    loss: str | None = option(
+        None,
+        choices=("bce", "ce"),
+        numbers=True,
+        help="bce (multi-hot targets, mAP) or ce (class indices, top-1); none: from the targets",
+    )
 
-    def __post_init__(self) -> None:
-        if self.loss not in ("bce", "ce"):
-            raise ValueError(f"loss must be 'bce' or 'ce', got {self.loss!r}")
-        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1 or self.batch_size < 0:
-            raise ValueError(f"invalid training config: {self}")
+    def for_targets(self, targets: ArrayLike) -> TrainOptions:
+        """These options with ``loss`` decided by the targets when it is unset: class indices [N] mean ce."""
+        return self if self.loss is not None else replace(self, loss="ce" if np.ndim(targets) == 1 else "bce")
 
 
 class HistoryRow(NamedTuple):
@@ -265,7 +262,7 @@ def train_heads(
     targets: torch.Tensor,
     val_inputs: Sequence[torch.Tensor],
     val_targets: torch.Tensor,
-    cfg: TrainConfig,
+    cfg: TrainOptions,
 ) -> list[TrainOutcome]:
     """Train K heads stacked on a leading axis in place; each ends holding its best-validation weights.
 
@@ -341,7 +338,7 @@ def _train_epoch(
     targets: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-    cfg: TrainConfig,
+    cfg: TrainOptions,
     generator: torch.Generator,
     shuffled: list[torch.Tensor] | None,
 ) -> list[float]:
