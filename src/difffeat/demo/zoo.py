@@ -343,7 +343,9 @@ def train_ddit(
 
     def batch_loss(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(flat), (recipe.batch_size,), generator=gen, device=device)
-        return loss_fn(model, ids_all[idx], mask_all[idx], gen)
+        ids, mask = ids_all[idx], mask_all[idx]
+        width = int(mask.sum(1).max())  # rows are right-padded to the longest caption of all: cut to this batch's
+        return loss_fn(model, ids[:, :width], mask[:, :width], gen)
 
     build = lambda: DDiT(ddit_config(recipe, tokenizer.vocab_size))  # noqa: E731
     run = _train(build, batch_loss, recipe, f"train tiny DDiT ({recipe.loss})", log_every, max_seconds)
