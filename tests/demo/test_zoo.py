@@ -2,6 +2,7 @@
 and records where it ran, and training leaves the caller's global state alone."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -155,3 +156,20 @@ def test_training_data_pool_or_world_1(monkeypatch):
     monkeypatch.setattr(dd, "make_pool", lambda n, **kw: calls.append((n, kw)) or (np.zeros((n, 32, 32, 3)), []))
     images, _ = training_data(DiTRecipe(pool=7, pool_seed=2), workers=3)
     assert len(images) == 7 and calls == [(7, {"seed": 2, "world": 2, "workers": 3})]
+
+
+def test_mdlm_and_score_entropy_agree_at_the_uniform_prediction():
+    """Hand-worked: with zero logits SUBS predicts uniformly over the N - 1 real tokens (NLL log(N - 1)), and SEDD's
+    scaled score gives entropy ratio * log(N - 1) with ratio = 1 / expm1(sigma), weighted by dsigma: 1 / t, MDLM's
+    weight. So on the same draws both losses are the mean over real tokens of move * log(N - 1) / t."""
+    ids = torch.randint(0, 20, (6, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    values = []
+    for loss, kind in ((mdlm_loss, "mdlm"), (score_entropy_loss, "sedd")):
+        model = DDiT(DDiTConfig(vocab_size=21, hidden_size=16, cond_dim=8, n_heads=2, n_blocks=1, length=9,
+                                kind=kind, scale_by_sigma=kind == "sedd"))  # fmt: skip
+        assert not model.output_layer.linear.weight.any()  # zero-initialised output: logits are all 0
+        values.append(loss(model, ids, mask, torch.Generator().manual_seed(4)).item())
+    t, _, move, _ = _absorb(model, ids, mask, torch.Generator().manual_seed(4))
+    expected = (move * math.log(20) / t[:, None]).sum().item() / mask.sum().item()
+    assert values == pytest.approx([expected, expected], rel=1e-5)
