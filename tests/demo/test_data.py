@@ -264,6 +264,9 @@ def test_world_1_is_unchanged_by_world_2() -> None:
     two = make_demo_dataset(n_train=300, n_val=100, n_test=100, world=2)
     assert all(np.array_equal(a.image, b.image) for a, b in zip(ds.split("test"), two.split("test"), strict=True))
     assert [a.captions for a in ds.split("test")] != [b.captions for b in two.split("test")]
+    assert dataset_fingerprint(two) == dataset_fingerprint(
+        make_demo_dataset(n_train=300, n_val=100, n_test=100, world=2)
+    )
 
 
 def test_surface_forms_partition(world2: dict[str, list[dd.DemoScene]]) -> None:
