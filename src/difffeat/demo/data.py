@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from difffeat.data.core import DataError, Dataset, Sample, Split
+from difffeat.utils.io import atomic_write, atomic_write_text
 
 T = TypeVar("T")
 
@@ -748,18 +748,6 @@ def _padded_labels(split: Split) -> np.ndarray:
     return out
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:  # a file object, or numpy would append ".npz" to the temporary name
-        np.savez_compressed(f, **arrays)
-
-
 def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None = None) -> None:
     """Write ``images_labels.npz`` (``{split}_images`` uint8 [N, S, S, 3], ``{split}_labels`` int16 [N, 4] padded
     with -1), ``captions.jsonl`` (split, id, captions per line, in row order), ``classes.txt`` and, last,
@@ -772,10 +760,10 @@ def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None
         images = [np.asarray(s.image, dtype=np.uint8) for s in split]
         arrays[f"{name}_images"] = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
         arrays[f"{name}_labels"] = _padded_labels(split)
-    _write_atomic(folder / "images_labels.npz", lambda p: _write_npz(p, arrays))
+    atomic_write(folder / "images_labels.npz", lambda f: np.savez_compressed(f, **arrays))
     records = [{"split": name, "id": s.id, "captions": list(s.captions)} for name, sp in ds.splits.items() for s in sp]
-    _write_atomic(folder / "captions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    _write_atomic(folder / "classes.txt", lambda p: p.write_text("\n".join(ds.classes) + "\n"))
+    atomic_write_text(folder / "captions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(folder / "classes.txt", "\n".join(ds.classes) + "\n")
     meta = {
         "name": ds.name,
         "splits": list(ds.splits),
@@ -783,7 +771,7 @@ def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None
         "content_hash": dataset_fingerprint(ds),
         "notes": ds.notes,
     }
-    _write_atomic(folder / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
 
 
 def _read_meta(folder: Path) -> dict | None:
