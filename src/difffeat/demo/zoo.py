@@ -344,8 +344,10 @@ def train_ddit(
     def batch_loss(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(flat), (recipe.batch_size,), generator=gen, device=device)
         ids, mask = ids_all[idx], mask_all[idx]
-        width = int(mask.sum(1).max())  # rows are right-padded to the longest caption of all: cut to this batch's
-        return loss_fn(model, ids[:, :width], mask[:, :width], gen)
+        if device.type == "cpu":  # rows are padded to the longest caption of all: cut to this batch's longest (on
+            width = int(mask.sum(1).max())  # a GPU reading the width would sync every step; padding costs it little)
+            ids, mask = ids[:, :width], mask[:, :width]
+        return loss_fn(model, ids, mask, gen)
 
     build = lambda: DDiT(ddit_config(recipe, tokenizer.vocab_size))  # noqa: E731
     run = _train(build, batch_loss, recipe, f"train tiny DDiT ({recipe.loss})", log_every, max_seconds)
