@@ -170,9 +170,18 @@ def _train(
     return _Trained(ema.cpu(), values, time.perf_counter() - start, device)
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def _where(device: torch.device, recipe: TrainRecipe) -> dict:
     """Where a training ran, for recipe.json: device name, torch and CUDA versions, CPU threads."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": str(device),
         "device_name": name,
