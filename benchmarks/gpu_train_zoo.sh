@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the v2 demo models on one GPU (benchmarks/README.md, "GPU session"): the pool once, then the DiT and the
-# DDiTs (score entropy and MDLM) in parallel processes on the same card. Writes OUT/demo-dit-v2,
-# OUT/demo-ddit-v2-sedd, OUT/demo-ddit-v2-mdlm (fp16 EMA weights, config, recipe.json, tokenizer) and OUT/log/*.
+# DDiTs (score entropy, MDLM, CE over all positions) in parallel processes on the same card. Writes
+# OUT/demo-dit-v2, OUT/demo-ddit-v2-{sedd,mdlm,ceall} (fp16 EMA weights, config, recipe.json, tokenizer), OUT/log/*.
 #   OUT=/some/dir bash benchmarks/gpu_train_zoo.sh            # on the GPU machine ($OUT is set by the device tool)
 #   OUT=/tmp/x bash benchmarks/gpu_train_zoo.sh --smoke       # on a CPU, seconds
 # MAX_SECONDS (default 330) caps each model's training loop so the whole script ends within ~7 minutes.
@@ -28,6 +28,8 @@ python benchmarks/gpu_train_zoo.py ddit --loss score_entropy --cache "$CACHE" --
   "${SMOKE[@]}" "${MAX[@]}" > "$OUT/log/ddit-sedd.txt" 2>&1 & pids+=($!)
 python benchmarks/gpu_train_zoo.py ddit --loss mdlm --cache "$CACHE" --out "$OUT/demo-ddit-v2-mdlm" \
   "${SMOKE[@]}" "${MAX[@]}" > "$OUT/log/ddit-mdlm.txt" 2>&1 & pids+=($!)
+python benchmarks/gpu_train_zoo.py ddit --loss ce_all --cache "$CACHE" --out "$OUT/demo-ddit-v2-ceall" \
+  "${SMOKE[@]}" "${MAX[@]}" > "$OUT/log/ddit-ceall.txt" 2>&1 & pids+=($!)
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 rm -f "$CACHE"

@@ -51,10 +51,10 @@ def test_gpu_recipes_ask_for_the_gpu_and_bf16():
 
 @pytest.mark.slow
 def test_shell_script_smoke(tmp_path):
-    """The exact script a GPU session runs, with --smoke: pool, three trainings in parallel, summary lines."""
+    """The exact script a GPU session runs, with --smoke: pool, four trainings in parallel, summary lines."""
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_train_zoo.sh"), "--smoke"], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("demo-dit-v2", "demo-ddit-v2-sedd", "demo-ddit-v2-mdlm"):
+    for name in ("demo-dit-v2", "demo-ddit-v2-sedd", "demo-ddit-v2-mdlm", "demo-ddit-v2-ceall"):
         assert (tmp_path / name / "model.safetensors").is_file() and f"{name}/recipe.json" in done.stdout
