@@ -49,7 +49,7 @@ def test_recipe_records_where_and_how_long_it_ran(tmp_path):
     folder = train_dit(blobs(), DiTRecipe(**DIT, steps=3, num_threads=1), tmp_path / "dit", log_every=0)
     info = json.loads((folder / "recipe.json").read_text())
     assert info["device"] == "cpu" and info["torch"] == torch.__version__ and info["num_threads"] == 1
-    assert info["steps_done"] == 3 and info["seconds"] > 0 and info["train_samples"] == 64
+    assert info["steps_done"] == 3 and info["seconds"] >= 0.0 and info["train_samples"] == 64  # rounded to 0.1 s
     assert info["recipe"]["steps"] == 3 and info["recipe"]["pool"] == 0
 
 
