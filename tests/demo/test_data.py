@@ -238,3 +238,89 @@ def test_cache_mismatch_or_damage_regenerates(tmp_path, monkeypatch) -> None:
     rebuilt = demo_dataset(tmp_path, **{**SMALL, "n_train": 10, "seed": 3})
     assert len(calls) == 3 and _same(rebuilt, load_demo_dataset(tmp_path))
     assert demo_dataset(None, **SMALL).split("train")[0].id == "demo-train-000000" and len(calls) == 4
+
+
+# ------------------------------------------------------------------------------------------------ world 2
+
+
+@pytest.fixture(scope="module")
+def world2() -> dict[str, list[dd.DemoScene]]:
+    """World 2 scenes of every split, the unlabeled pool included, without typos or wrong mentions."""
+    params = DemoParams(n_train=600, n_val=300, n_test=600, typo_rate=0.0, wrong_mention_rate=0.0, world=2)
+    scenes = {name: generate_demo_scenes(params, name) for name in dd.SPLIT_NAMES}
+    scenes[dd.POOL] = [make_scene(params, dd.POOL, i) for i in range(600)]
+    return scenes
+
+
+def _families(scenes: list[dd.DemoScene]) -> set[str]:
+    return {f for s in scenes for forms in s.forms for f in forms}
+
+
+def test_world_1_is_unchanged_by_world_2() -> None:
+    """Today's world is the default and keeps its bytes (a fingerprint taken before world 2 existed)."""
+    ds = make_demo_dataset(n_train=300, n_val=100, n_test=100)
+    assert dataset_fingerprint(ds) == "6855c743ecf2b7159d40afa5edbe2f50"
+    assert all(s.forms == () for s in generate_demo_scenes(DemoParams(n_train=5), "train"))
+    two = make_demo_dataset(n_train=300, n_val=100, n_test=100, world=2)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(ds.split("test"), two.split("test"), strict=True))
+    assert [a.captions for a in ds.split("test")] != [b.captions for b in two.split("test")]
+    assert dataset_fingerprint(two) == dataset_fingerprint(
+        make_demo_dataset(n_train=300, n_val=100, n_test=100, world=2)
+    )
+
+
+def test_surface_forms_partition(world2: dict[str, list[dd.DemoScene]]) -> None:
+    """The labeled splits never use a class's held-out family; test and the pool use every family of every class,
+    held-out ones included, and a fair share of test mentions are held-out forms."""
+    held = {f"{c}:{fam}" for c, fam in dd.held_out_forms().items()}
+    every = {f"{c}:{f.family}" for c, forms in enumerate(dd.SURFACE_FORMS) for f in forms}
+    for name in ("train", "val"):
+        used = _families(world2[name])
+        assert not used & held and len(used) > 0.9 * len(every - held), name
+    for name in ("test", dd.POOL):
+        assert _families(world2[name]) == every, name
+    test_mentions = [f for s in world2["test"] for forms in s.forms for f in forms]
+    assert 0.15 < np.mean([f in held for f in test_mentions]) < 0.35  # one family in four
+
+
+def test_world_2_captions_say_what_they_mention(world2: dict[str, list[dd.DemoScene]]) -> None:
+    """Every mention's family shows in its caption (a word of that family's phrases), and the vocabulary covers
+    every typo-free world-2 caption."""
+    for scenes in world2.values():
+        for s in scenes[:200]:
+            for caption, mentioned, forms in zip(s.captions, s.mentions, s.forms, strict=True):
+                tokens = set(tokenize_caption(caption))
+                assert tokens <= set(VOCAB), caption
+                assert sorted(int(f.split(":")[0]) for f in forms) == sorted(mentioned)
+                for f in forms:
+                    cls, family = f.split(":")
+                    form = next(x for x in dd.SURFACE_FORMS[int(cls)] if x.family == family)
+                    words = {t for p in (*form.singular, *form.plural) for t in tokenize_caption(p)} - {"a", "the"}
+                    assert tokens & words, (caption, f)
+
+
+def test_pool_is_deterministic_and_independent_of_workers() -> None:
+    images, captions = dd.make_pool(30, chunk=7)
+    again, captions2 = dd.make_pool(30, workers=2, chunk=11)
+    assert images.shape == (30, 32, 32, 3) and images.dtype == np.uint8 and len(captions) == 30
+    assert np.array_equal(images, again) and captions == captions2
+    scene = make_scene(DemoParams(world=2), dd.POOL, 29)
+    assert np.array_equal(images[29], scene.image) and captions[29] == scene.captions
+    other, _ = dd.make_pool(30, seed=1)
+    assert not np.array_equal(images, other)
+
+
+def test_pool_is_disjoint_from_the_labeled_splits(world2: dict[str, list[dd.DemoScene]]) -> None:
+    """The pool's glyphs come from the train range only: no val or test digit is ever pretrained on; and no pool
+    image is a labeled image."""
+    pools = {name: set(dd.glyph_pool(name)) for name in dd._RNG_SPLITS}
+    assert pools[dd.POOL] == pools["train"] and not pools[dd.POOL] & (pools["val"] | pools["test"])
+    used = {o.glyph for s in world2[dd.POOL] for o in s.objects if o.glyph >= 0}
+    assert used and used <= pools[dd.POOL]
+    labeled = {s.image.tobytes() for name in dd.SPLIT_NAMES for s in world2[name]}
+    assert not labeled & {s.image.tobytes() for s in world2[dd.POOL]}
+
+
+def test_world_is_checked() -> None:
+    with pytest.raises(ValueError, match="world"):
+        DemoParams(world=3)

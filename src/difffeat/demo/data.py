@@ -13,6 +13,14 @@ by none, as in COCO; wording varies (synonyms, numerals, counting, colours, posi
 (typos, filler words and, at a configured rate, a class that is not in the image). So text alone cannot recover
 every label, and fusing it with image features has something to add.
 
+World 2 (``world=2``) is the same scenes with the proportions of real use: a large unlabeled ``pool`` of scenes
+with captions (what a diffusion model is pretrained on, like ImageNet or OpenWebText for the real ones) next to a
+few-label set, and captions that name each class in several surface forms (a word, a numeral, a foreign word, a
+relational phrase such as "the digit after six"; synonyms for shapes). The labeled splits (train, val) never use
+one form per class (:func:`held_out_forms`), while test and the pool use them all: as "pup" or "two dogs" reach a
+classifier at test time that no labeled caption said, and only pretraining on unlabeled text has seen them.
+World 1 (the default) is unchanged, so the committed models keep their numbers.
+
 Every sample is drawn from its own generator seeded by ``(seed, split, index)``: a sample does not depend on how
 many others are generated, and the same arguments give the same bytes on every machine.
 """
@@ -21,10 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from difffeat.data.core import DataError, Dataset, Sample, Split
+from difffeat.utils.io import atomic_write, atomic_write_text
 
 T = TypeVar("T")
 
@@ -43,10 +51,16 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SHAPE_NAMES = ("circle", "square", "triangle")
 CLASSES: tuple[str, ...] = DIGIT_NAMES + SHAPE_NAMES
 SPLIT_NAMES = ("train", "val", "test")
+POOL = "pool"  # world 2's unlabeled pretraining scenes; never part of a Dataset
+_RNG_SPLITS = (*SPLIT_NAMES, POOL)
+WORLDS = (1, 2)
+LABELED_SPLITS = ("train", "val")  # world 2: the splits whose captions never use a held-out surface form
 
 # Contiguous index ranges of the 1797 sklearn digits per split. The digits come roughly grouped by writer, so
 # contiguous pools keep (most) writers out of the splits they were not drawn for: a real generalisation gap.
-GLYPH_POOLS = {"train": (0, 1078), "val": (1078, 1438), "test": (1438, 1797)}
+# The unlabeled pool draws from the train range: pretraining and labeled data share a distribution, and neither
+# ever sees a val or test glyph.
+GLYPH_POOLS = {"train": (0, 1078), "val": (1078, 1438), "test": (1438, 1797), POOL: (0, 1078)}
 
 # Named object colours (RGB in [0, 1]); the name is what a caption says.
 PALETTE = {
@@ -126,6 +140,65 @@ _BACKGROUND_WORDS = {"dark": ("dark", "black", "dim"), "light": ("light", "brigh
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def _plural(word: str) -> str:
+    return word + ("es" if word.endswith(("x", "s")) else "s")
+
+
+# World 2: each class has four families of surface forms; the first is the plain name, one of the other three is
+# held out of the labeled splits (a different family for different classes, so the labeled set does see every
+# family, just not for every class).
+_SPANISH = ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve")
+_SHAPE_FAMILIES = {
+    "circle": (("name", ("circle",)), ("ring", ("ring", "loop")), ("round", ("disc", "oval", "round shape"))),
+    "square": (("name", ("square",)), ("box", ("box", "tile")), ("block", ("block", "quad"))),
+    "triangle": (("name", ("triangle",)), ("wedge", ("wedge", "pyramid")), ("delta", ("delta", "trigon"))),
+}
+_SHAPE_RELATIONS = {
+    "circle": ("a shape with no corners", "a shape without corners"),
+    "square": ("a shape with four corners", "a shape with four equal sides"),
+    "triangle": ("a shape with three corners", "a shape with three sides"),
+}
+# A class-typical word a caption may add ("an even eight", "a pointy wedge"): the context from which a language
+# model pretrained on the pool can learn that "ocho" and "eight" name the same thing.
+_EPITHETS = {**{d: ("even", "odd")[d % 2] for d in range(10)}, 10: "round", 11: "straight", 12: "pointy"}
+EPITHET_PROB = 0.2
+
+
+@dataclass(frozen=True)
+class SurfaceForm:
+    """One family of ways to name a class: singular phrases and plural nouns (none: the phrase ignores counts)."""
+
+    family: str
+    singular: tuple[str, ...]
+    plural: tuple[str, ...]
+
+
+def _digit_forms(d: int) -> tuple[SurfaceForm, ...]:
+    w, n, s = DIGIT_NAMES[d], str(d), _SPANISH[d]
+    relations = ([f"the digit after {DIGIT_NAMES[d - 1]}"] if d > 0 else []) + (
+        [f"the number before {DIGIT_NAMES[d + 1]}"] if d < 9 else []
+    )
+    return (
+        SurfaceForm("name", (f"a {w}", f"the digit {w}", f"the number {w}"), (_plural(w),)),
+        SurfaceForm("numeral", (f"a {n}", f"the digit {n}", f"number {n}", n), (f"{n}s",)),
+        SurfaceForm("foreign", (f"a {s}", f"the number {s}"), (_plural(s),)),
+        SurfaceForm("relation", tuple(relations), ()),
+    )
+
+
+def _shape_forms(shape: str) -> tuple[SurfaceForm, ...]:
+    forms = [SurfaceForm(k, tuple(f"a {w}" for w in ws), tuple(map(_plural, ws))) for k, ws in _SHAPE_FAMILIES[shape]]
+    return (*forms, SurfaceForm("relation", _SHAPE_RELATIONS[shape], ()))
+
+
+SURFACE_FORMS: tuple[tuple[SurfaceForm, ...], ...] = (*map(_digit_forms, range(10)), *map(_shape_forms, SHAPE_NAMES))
+
+
+def held_out_forms() -> dict[int, str]:
+    """Per class, the family of surface forms that world 2's labeled splits never use (test and pool do)."""
+    return {c: forms[1 + c % (len(forms) - 1)].family for c, forms in enumerate(SURFACE_FORMS)}
+
+
 def _vocabulary() -> tuple[str, ...]:
     """Every token a caption can contain when it has no typo (lowercase words, numerals and ',')."""
     texts = [*CLASSES, *map(_plural, CLASSES), *(str(d) for d in range(10)), *PALETTE]
@@ -133,12 +206,10 @@ def _vocabulary() -> tuple[str, ...]:
         texts += [w for v in forms.values() for w in v]
     texts += [*(_plural(w) for v in _SHAPE_WORDS.values() for w in v), *_NUMERAL_WORDS.values(), *_FILLERS]
     texts += [*_SINGULAR_DIGIT, *_PLURAL, *_PAIR_JOINS, *_RELATIONS.values(), *_TEMPLATES, *_CLUTTER_TEMPLATES]
+    texts += [p for forms in SURFACE_FORMS for f in forms for p in (*f.singular, *f.plural)]
+    texts += list(_EPITHETS.values())
     words = {tok for text in texts for tok in tokenize_caption(re.sub(r"\{\w+\}", " ", text))}
     return tuple(sorted(words))
-
-
-def _plural(word: str) -> str:
-    return word + ("es" if word.endswith(("x", "s")) else "s")
 
 
 def tokenize_caption(caption: str) -> list[str]:
@@ -175,6 +246,7 @@ class DemoScene:
     objects: tuple[SceneObject, ...]
     captions: tuple[str, ...]
     mentions: tuple[tuple[int, ...], ...]
+    forms: tuple[tuple[str, ...], ...] = ()  # world 2: per caption, "class:family" of each mention (wrong included)
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -192,6 +264,7 @@ class DemoParams:
     seed: int = 0
     wrong_mention_rate: float = 0.05
     typo_rate: float = 0.05
+    world: int = 1
     version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
@@ -199,6 +272,8 @@ class DemoParams:
             raise ValueError(f"split sizes must be >= 0, got {self.n_train}, {self.n_val}, {self.n_test}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16 (objects are 1/4 to 1/2 of it), got {self.image_size}")
+        if self.world not in WORLDS:
+            raise ValueError(f"world must be one of {WORLDS}, got {self.world}")
         for name in ("wrong_mention_rate", "typo_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -437,6 +512,25 @@ def _class_phrase(rng: np.random.Generator, cls: int, count: int) -> str:
     return _pick(rng, _PLURAL).format(k=_NUMERAL_WORDS[count], p=plural, d=count)
 
 
+def _named_v2(rng: np.random.Generator, cls: int, count: int, split: str) -> tuple[str, str]:
+    """World 2's naming: a family of surface forms (the labeled splits never draw the class's held-out one), a
+    phrase of it, counting as in world 1, and sometimes a class-typical epithet. Returns (phrase, family)."""
+    forms = SURFACE_FORMS[cls]
+    if split in LABELED_SPLITS:
+        forms = tuple(f for f in forms if f.family != held_out_forms()[cls])
+    form = _pick(rng, forms)
+    phrase = _pick(rng, form.singular)
+    if count > 1 and form.plural and rng.random() >= 0.3:
+        phrase = _pick(rng, _PLURAL).format(k=_NUMERAL_WORDS[count], p=_pick(rng, form.plural), d=count)
+    elif phrase.startswith("a ") and rng.random() < EPITHET_PROB:
+        phrase = f"a {_EPITHETS[cls]} {phrase[2:]}"
+    return phrase, form.family
+
+
+def _named_v1(rng: np.random.Generator, cls: int, count: int, split: str) -> tuple[str, str]:
+    return _class_phrase(rng, cls, count), ""
+
+
 def _decorate(rng: np.random.Generator, phrase: str, obj: SceneObject, n: int) -> str:
     """Sometimes add the object's colour or where it is, as captions of real photos do."""
     if rng.random() < 0.3 and phrase.startswith("a "):
@@ -494,27 +588,37 @@ def _wrong_class(rng: np.random.Generator, present: set[int]) -> int:
 
 
 def _caption(
-    rng: np.random.Generator, objects: tuple[SceneObject, ...], tone: str, clutter: int, n: int, params: DemoParams
-) -> tuple[str, tuple[int, ...]]:
-    """One caption and the classes it names (a wrong mention included)."""
+    rng: np.random.Generator,
+    objects: tuple[SceneObject, ...],
+    tone: str,
+    clutter: int,
+    n: int,
+    params: DemoParams,
+    split: str,
+) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    """One caption, the classes it names (a wrong mention included) and, in world 2, the form of each mention."""
+    name = _named_v2 if params.world == 2 else _named_v1
     said = [o for o in objects if rng.random() < o.mention_prob]
     if not said:
         said = [max(objects, key=lambda o: o.mention_prob)]
     classes = list(dict.fromkeys(o.cls for o in said))
     rng.shuffle(classes)
-    phrases, anchors = [], []
+    phrases, anchors, forms = [], [], []
     for cls in classes:
         group = [o for o in said if o.cls == cls]
-        phrase = _class_phrase(rng, cls, len(group))
+        phrase, family = name(rng, cls, len(group), split)
+        forms.append(f"{cls}:{family}")
         anchor = group[0] if len(group) == 1 else None
         phrases.append(_decorate(rng, phrase, anchor, n) if anchor else phrase)
         anchors.append(anchor)
     if rng.random() < params.wrong_mention_rate:
         wrong = _wrong_class(rng, {o.cls for o in objects})
         pos = int(rng.integers(len(phrases) + 1))
-        phrases.insert(pos, _class_phrase(rng, wrong, 1))
+        phrase, family = name(rng, wrong, 1, split)
+        phrases.insert(pos, phrase)
         anchors.insert(pos, None)
         classes.append(wrong)
+        forms.append(f"{wrong}:{family}")
     templates = _TEMPLATES + _CLUTTER_TEMPLATES if clutter else _TEMPLATES
     text = _pick(rng, templates).format(x=_join(rng, phrases, anchors), bg=_pick(rng, _BACKGROUND_WORDS[tone]))
     if rng.random() < 0.15:
@@ -523,14 +627,14 @@ def _caption(
         text = " ".join(words)
     if rng.random() < params.typo_rate:
         text = _typo(rng, text)
-    return text, tuple(sorted(classes))
+    return text, tuple(sorted(classes)), tuple(sorted(forms)) if params.world == 2 else ()
 
 
 # ------------------------------------------------------------------------------------------------ generation
 
 
 def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), SPLIT_NAMES.index(split), int(index)])
+    return np.random.default_rng([int(seed), _RNG_SPLITS.index(split), int(index)])
 
 
 def make_scene(params: DemoParams, split: str, index: int) -> DemoScene:
@@ -540,14 +644,44 @@ def make_scene(params: DemoParams, split: str, index: int) -> DemoScene:
     clutter = _clutter(rng, img)
     objects = _draw_objects(rng, split, img)
     n_captions = _weighted(rng, _CAPTION_COUNT_PROBS) + 1
-    texts = [_caption(rng, objects, tone, clutter, params.image_size, params) for _ in range(n_captions)]
+    texts = [_caption(rng, objects, tone, clutter, params.image_size, params, split) for _ in range(n_captions)]
     image = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return DemoScene(image, objects, tuple(t for t, _ in texts), tuple(m for _, m in texts))
+    forms = tuple(f for _, _, f in texts) if params.world == 2 else ()
+    return DemoScene(image, objects, tuple(t for t, _, _ in texts), tuple(m for _, m, _ in texts), forms)
 
 
 def generate_demo_scenes(params: DemoParams, split: str) -> list[DemoScene]:
     """Every scene of a split with its ground truth (objects, mentions), for tests and analyses."""
     return [make_scene(params, split, i) for i in range(params.size_of(split))]
+
+
+def _pool_chunk(params: DemoParams, lo: int, hi: int) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    scenes = [make_scene(params, POOL, i) for i in range(lo, hi)]
+    images = np.stack([s.image for s in scenes]) if scenes else np.zeros((0, params.image_size, params.image_size, 3))
+    return images.astype(np.uint8), [s.captions for s in scenes]
+
+
+def make_pool(
+    n: int, seed: int = 0, image_size: int = 32, world: int = 2, workers: int = 1, chunk: int = 2000
+) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """The unlabeled pretraining pool: ``n`` scenes' images ``[n, S, S, 3]`` uint8 and captions, no labels.
+
+    Scenes are drawn per index like every split's, so the pool is the same for any ``workers`` (processes) and
+    ``chunk``; it is regenerated rather than stored (it is what a recipe trains on, not a shipped file).
+    """
+    if n < 0 or workers < 1 or chunk < 1:
+        raise ValueError(f"make_pool needs n >= 0, workers >= 1, chunk >= 1; got {n}, {workers}, {chunk}")
+    params = DemoParams(0, 0, 0, image_size, seed, world=world)
+    bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    if workers == 1 or len(bounds) <= 1:
+        parts = [_pool_chunk(params, lo, hi) for lo, hi in bounds]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as ex:
+            parts = list(ex.map(_pool_chunk, [params] * len(bounds), *zip(*bounds, strict=True)))
+    images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return images, [c for p in parts for c in p[1]]
 
 
 def _to_split(name: str, scenes: list[DemoScene], size: int) -> Split:
@@ -568,14 +702,16 @@ def make_demo_dataset(
     *,
     wrong_mention_rate: float = 0.05,
     typo_rate: float = 0.05,
+    world: int = 1,
 ) -> Dataset:
     """Generate the "demo" dataset: 13 classes (ten digits, three shapes), 1-4 objects per image, 1-3 captions.
 
     Images are ``[image_size, image_size, 3]`` uint8 arrays in ``Sample.image``; ``notes`` counts objects,
     captions and wrong mentions. ``wrong_mention_rate`` is the share of captions that name one absent class,
-    ``typo_rate`` the share with one misspelt word. Use :func:`demo_dataset` to cache the result.
+    ``typo_rate`` the share with one misspelt word; ``world`` 2 names classes in more surface forms and keeps one
+    per class out of train and val (see the module docstring). Use :func:`demo_dataset` to cache the result.
     """
-    return _generate(DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate))
+    return _generate(DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate, world))
 
 
 def _generate(params: DemoParams) -> Dataset:
@@ -612,18 +748,6 @@ def _padded_labels(split: Split) -> np.ndarray:
     return out
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:  # a file object, or numpy would append ".npz" to the temporary name
-        np.savez_compressed(f, **arrays)
-
-
 def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None = None) -> None:
     """Write ``images_labels.npz`` (``{split}_images`` uint8 [N, S, S, 3], ``{split}_labels`` int16 [N, 4] padded
     with -1), ``captions.jsonl`` (split, id, captions per line, in row order), ``classes.txt`` and, last,
@@ -636,10 +760,10 @@ def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None
         images = [np.asarray(s.image, dtype=np.uint8) for s in split]
         arrays[f"{name}_images"] = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
         arrays[f"{name}_labels"] = _padded_labels(split)
-    _write_atomic(folder / "images_labels.npz", lambda p: _write_npz(p, arrays))
+    atomic_write(folder / "images_labels.npz", lambda f: np.savez_compressed(f, **arrays))
     records = [{"split": name, "id": s.id, "captions": list(s.captions)} for name, sp in ds.splits.items() for s in sp]
-    _write_atomic(folder / "captions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    _write_atomic(folder / "classes.txt", lambda p: p.write_text("\n".join(ds.classes) + "\n"))
+    atomic_write_text(folder / "captions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(folder / "classes.txt", "\n".join(ds.classes) + "\n")
     meta = {
         "name": ds.name,
         "splits": list(ds.splits),
@@ -647,7 +771,7 @@ def save_demo_dataset(ds: Dataset, folder: str | Path, params: DemoParams | None
         "content_hash": dataset_fingerprint(ds),
         "notes": ds.notes,
     }
-    _write_atomic(folder / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -705,11 +829,12 @@ def demo_dataset(
     *,
     wrong_mention_rate: float = 0.05,
     typo_rate: float = 0.05,
+    world: int = 1,
 ) -> Dataset:
     """:func:`make_demo_dataset` with these arguments, read from ``cache_dir`` when a cache there was made with
     the same arguments (and generator version) and is intact; otherwise generated and, if ``cache_dir``, saved
     there (replacing what was there). Without ``cache_dir`` nothing is written."""
-    params = DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate)
+    params = DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate, world)
     if cache_dir is not None:
         meta = _read_meta(Path(cache_dir))
         if meta is not None and meta.get("params") == asdict(params):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from difffeat.data.registry import DataOptions
 from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
 from difffeat.heads.fusion import FusionOptions
@@ -87,29 +85,22 @@ def print_summary(out: Path) -> None:
     console.print(f"report: {out / 'report.html'}  ({m['seconds']:.0f} s)")
 
 
-def _demo_train_split():
-    from difffeat.demo.data import demo_dataset
+def train_demo_dit(out: str | Path = DEMO_DIT, steps: int | None = None, seed: int = 0, **recipe) -> Path:
+    """Train the tiny DiT from its recipe (``recipe`` overrides fields, e.g. ``pool=100_000, device="auto"``)."""
+    from difffeat.demo.zoo import DiTRecipe, train_dit, training_data
 
-    return demo_dataset().split("train")
-
-
-def train_demo_dit(out: str | Path = DEMO_DIT, steps: int | None = None, seed: int = 0) -> Path:
-    from difffeat.demo.zoo import DiTRecipe, train_dit
-
-    train = _demo_train_split()
-    recipe = DiTRecipe(seed=seed) if steps is None else DiTRecipe(seed=seed, steps=steps)
-    return train_dit(np.stack([s.image for s in train]), recipe, out)
+    r = DiTRecipe(seed=seed, **recipe, **({} if steps is None else {"steps": steps}))
+    return train_dit(training_data(r)[0], r, out)
 
 
-def train_demo_ddit(out: str | Path = DEMO_DDIT, steps: int | None = None, seed: int = 0) -> Path:
-    from difffeat.demo.zoo import DDiTRecipe, train_ddit
+def train_demo_ddit(out: str | Path = DEMO_DDIT, steps: int | None = None, seed: int = 0, **recipe) -> Path:
+    """Train the tiny DDiT and its word tokenizer from their recipe (``recipe`` overrides fields)."""
+    from difffeat.demo.zoo import DDiTRecipe, train_ddit, training_data
     from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
-    train = _demo_train_split()
-    captions = [s.captions for s in train]
-    recipe = DDiTRecipe(seed=seed) if steps is None else DDiTRecipe(seed=seed, steps=steps)
+    r = DDiTRecipe(seed=seed, **recipe, **({} if steps is None else {"steps": steps}))
+    captions = training_data(r)[1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok_path = train_word_tokenizer([c for caps in captions for c in caps], recipe.vocab_size, out / "tokenizer.json")
-    folder = train_ddit(captions, load_tokenizer(tok_path), recipe, out)
-    return folder
+    tok_path = train_word_tokenizer([c for caps in captions for c in caps], r.vocab_size, out / "tokenizer.json")
+    return train_ddit(captions, load_tokenizer(tok_path), r, out)

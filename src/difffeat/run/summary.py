@@ -174,6 +174,18 @@ def claims(
     return out
 
 
+CURVE_FILE = "label_efficiency.json"  # written by difffeat.run.curve.label_efficiency
+
+
+def _curve_notes(curve: dict[str, dict[str, float | None]]) -> list[str]:
+    """One report line per head: its test score at each labeled-set size."""
+    return [
+        f"label efficiency, {name}: "
+        + ", ".join(f"{n} labels {row[n]:.1f}" for n in sorted(row, key=int) if row[n] is not None)
+        for name, row in curve.items()
+    ]
+
+
 def build_report(exp, seconds: float | None = None) -> None:
     search = json.loads((exp.out / "search.json").read_text())
     results = json.loads((exp.out / "results.json").read_text())
@@ -198,6 +210,7 @@ def build_report(exp, seconds: float | None = None) -> None:
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
     skipped = skipped_records(exp)
+    curve = json.loads((exp.out / CURVE_FILE).read_text()) if (exp.out / CURVE_FILE).exists() else None
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
@@ -212,6 +225,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "still_improving": late,
         "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
         "skipped_records": skipped,
+        "label_efficiency": curve,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -222,6 +236,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(note)
     if skipped:
         notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
+    notes += _curve_notes(curve or {})
     render_report(
         exp.out / "report.html",
         title=f"difffeat: {exp.data.name}",

@@ -1,0 +1,53 @@
+"""The label-efficiency curve: every head refitted on nested prefixes of the train split, the full size
+reproducing the run's own heads, reported in metrics.json and the report, resumable."""
+
+import json
+
+import pytest
+
+import difffeat.run.curve as curve_mod
+from difffeat.run.config import RunConfig, apply_overrides
+from difffeat.run.curve import label_efficiency
+from difffeat.run.pipeline import run
+from difffeat.run.summary import build_report
+from helpers import save_tiny_models
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    dit, ddit = save_tiny_models(tmp_path_factory.mktemp("models"))
+    out = tmp_path_factory.mktemp("curve") / "run"
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            f"out={out}", "data.kind=demo", "data.options={n_train: 120, n_val: 60, n_test: 60}", f"image.dit={dit}",
+            f"text.ddit={ddit}", "extract.batch_size=64", "extract.shard_size=128", "search.mode=grid",
+            "search.image_grid_blocks=[1, 3]", "search.image_grid_timesteps=[0, 100]", "search.text_grid_blocks=[0]",
+            "search.text_grid_timesteps=[0]", "probe.epochs=20", "fusion.width=32", "fusion.epochs=15",
+            "fusion.search_width=16", "fusion.search_epochs=5", "fusion.baselines=[pixels, random_init]",
+            "fusion.ablations=[image, text]", "report.tsne_samples=40",
+        ],
+    )  # fmt: skip
+    return run(cfg)
+
+
+def test_curve_refits_every_head_on_prefixes(finished, monkeypatch):
+    exp = finished
+    seen = []
+    real = curve_mod.fit_fusion
+    monkeypatch.setattr(curve_mod, "fit_fusion", lambda xs, y, *a, **k: seen.append(len(y)) or real(xs, y, *a, **k))
+    curve = label_efficiency(exp, sizes=(40, 120, 500))
+    results = json.loads((exp.out / "results.json").read_text())
+    assert set(curve) == set(results) >= {"fused", "image", "text", "pixels", "random_init_image"}
+    assert sorted(set(seen)) == [40, 120] and len(seen) == 2 * len(results)
+    for name, row in curve.items():
+        assert row["500"] is None  # more labels than the train split has
+        assert row["120"] == pytest.approx(results[name]["mAP"], abs=1e-9), name  # the run's own head, refitted
+        assert 0 < row["40"] <= 100
+    monkeypatch.setattr(curve_mod, "fit_fusion", lambda *a, **k: pytest.fail("refitted a finished point"))
+    assert label_efficiency(exp, sizes=(40, 120, 500)) == curve
+
+    build_report(exp)
+    metrics = json.loads((exp.out / "metrics.json").read_text())
+    assert metrics["label_efficiency"] == curve
+    assert "label efficiency, fused: 40 labels" in (exp.out / "report.html").read_text()
