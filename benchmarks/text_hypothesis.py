@@ -47,7 +47,8 @@ from difffeat.demo.zoo import DDIT_LOSSES, DDiTRecipe, ddit_config, train_ddit
 from difffeat.features.extract import TextFeatureExtractor
 from difffeat.heads.probe import ProbeConfig, fit_probes
 from difffeat.metrics import multilabel_metrics
-from difffeat.models.ddit import DDiT, load_ddit
+from difffeat.models.ddit import DDiT
+from difffeat.models.ddit_load import load_ddit
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
 STEPS = (0, 100)

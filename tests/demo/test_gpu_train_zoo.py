@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from difffeat.models.ddit import load_ddit
-from difffeat.models.dit import load_dit
+from difffeat.models.ddit_load import load_ddit
+from difffeat.models.dit_load import load_dit
 
 ROOT = Path(__file__).parents[2]
 

@@ -40,7 +40,7 @@ def label_efficiency(exp: Experiment, sizes: Sequence[int] = DEFAULT_SIZES) -> d
             if n > len(y_train):
                 row[str(n)] = None
                 continue
-            head = fit_fusion([x[:n] for x in train], y_train[:n], val, y_val, exp.fusion_config(**overrides))
+            head = fit_fusion([x[:n] for x in train], y_train[:n], val, y_val, exp.fusion_options(**overrides))
             row[str(n)] = _score(exp, head.predict(test), y_test)
         atomic_write_json(path, done)
     return done
