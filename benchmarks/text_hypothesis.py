@@ -45,14 +45,14 @@ from difffeat.demo.data import (
 )
 from difffeat.demo.zoo import DDIT_LOSSES, DDiTRecipe, ddit_config, train_ddit
 from difffeat.features.extract import TextFeatureExtractor
-from difffeat.heads.probe import ProbeConfig, fit_probes
+from difffeat.heads.probe import ProbeOptions, fit_probes
 from difffeat.metrics import multilabel_metrics
 from difffeat.models.ddit import DDiT
 from difffeat.models.ddit_load import load_ddit
 from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
 STEPS = (0, 100)
-PROBE = ProbeConfig(epochs=200, lr=3e-2, patience=20, num_threads=1)  # the demo's probe recipe
+PROBE = ProbeOptions(epochs=200, lr=3e-2, patience=20, num_threads=1)  # the demo's probe recipe
 
 
 def multi_hot(samples) -> np.ndarray:

@@ -34,8 +34,8 @@ from torch import nn
 from difffeat.features.extract import ImageFeatureExtractor, TextFeatureExtractor
 from difffeat.features.jobs import to_host
 from difffeat.features.store import EntryKey, FeatureStore
-from difffeat.heads.fusion import FusionConfig, fit_fusion
-from difffeat.heads.probe import ProbeConfig, fit_probes
+from difffeat.heads.fusion import FusionOptions, fit_fusion
+from difffeat.heads.probe import ProbeOptions, fit_probes
 from difffeat.models.ddit import DDiT, DDiTConfig
 from difffeat.models.ddit_load import save_ddit
 from difffeat.models.dit import DiT, DiTConfig
@@ -281,15 +281,15 @@ def test_probes_and_fusion_trained_on_device_match_the_cpu(device):
     (x, y), (vx, vy) = separable(600, 24, 5, 0), separable(200, 24, 5, 1)
     xs, vxs = [x, x[:, ::-1].copy(), x * 0.5], [vx, vx[:, ::-1].copy(), vx * 0.5]
     common = dict(epochs=15, eval_every=15, batch_size=128, lr=1e-2)
-    ref = fit_probes(xs, y, vxs, vy, ProbeConfig(**common))
-    got = fit_probes(xs, y, vxs, vy, ProbeConfig(**common, device=str(device)))
+    ref = fit_probes(xs, y, vxs, vy, ProbeOptions(**common))
+    got = fit_probes(xs, y, vxs, vy, ProbeOptions(**common, device=str(device)))
     for r, g in zip(ref, got, strict=True):
         assert g.linear.weight.device.type == "cpu" and g.best_epoch == r.best_epoch == 15
         np.testing.assert_allclose(g.predict(vx), r.predict(vx), atol=1e-4)
         assert abs(g.best_score - r.best_score) < 0.5
     fcfg = dict(common, width=32)
-    ref_f = fit_fusion([x, x[:, :8]], y, [vx, vx[:, :8]], vy, FusionConfig(**fcfg))
-    got_f = fit_fusion([x, x[:, :8]], y, [vx, vx[:, :8]], vy, FusionConfig(**fcfg, device=str(device)))
+    ref_f = fit_fusion([x, x[:, :8]], y, [vx, vx[:, :8]], vy, FusionOptions(**fcfg))
+    got_f = fit_fusion([x, x[:, :8]], y, [vx, vx[:, :8]], vy, FusionOptions(**fcfg, device=str(device)))
     np.testing.assert_allclose(got_f.predict([vx, vx[:, :8]]), ref_f.predict([vx, vx[:, :8]]), atol=1e-4)
 
 
