@@ -19,6 +19,7 @@ import torch
 from difffeat.analysis import clustering_scores, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
 from difffeat.heads.fusion import FusionResult
 from difffeat.run.report import render_report, write_metrics_json
+from difffeat.utils.times import as_time
 
 MULTILABEL_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3")
 MULTILABEL_COLUMNS += ("OR_top3", "OF1_top3")
@@ -41,7 +42,7 @@ def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     sweep = exp.out / f"sweep_{modality}.csv"
     if sweep.exists():
         with sweep.open() as f:
-            cells = [(int(r["block"]), int(r["t"]), float(r["val_score"])) for r in csv.DictReader(f)]
+            cells = [(int(r["block"]), as_time(r["t"]), float(r["val_score"])) for r in csv.DictReader(f)]
     else:
         cells = [(*e["key"], e["score"]) for e in search["evaluations"] if e["modality"] == modality]
     for b, t, score in cells:
@@ -185,7 +186,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         tables[m] = grid_table(exp, m, search)
         best = tuple(search["best"][m]) if m in search["best"] else None
         path = [tuple(c) for c in search["path"].get(m, [])]
-        unit = "block x DDPM t" if m == "image" else "block x noise step"
+        unit = f"block x {exp.time(m).name} t"
         heatmaps[f"{m} ({unit})"] = plot_heatmap(
             tables[m], blocks, timesteps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
         )
@@ -198,10 +199,11 @@ def build_report(exp, seconds: float | None = None) -> None:
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
     skipped = skipped_records(exp)
+    massive = exp.massive_record()
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
-        "chosen": {m: {"block": c[0], "t": c[1]} for m, c in cells.items()},
+        "chosen": {m: {"block": c[0], "t": c[1], "time": exp.time(m).name} for m, c in cells.items()},
         "test": results,
         "search": {k: search[k] for k in ("num_scored_unimodal", "num_scored_pair", "num_evaluations_unimodal",
                                           "num_evaluations", "num_evaluations_pair",
@@ -212,6 +214,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "still_improving": late,
         "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
         "skipped_records": skipped,
+        "massive": massive,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -220,6 +223,10 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
     if note := _still_improving_note(late):
         notes.append(note)
+    if massive:
+        notes += [
+            f"Massive activations ({massive['mode']}), block {b}: channels {c}" for b, c in massive["channels"].items()
+        ]
     if skipped:
         notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
     render_report(
