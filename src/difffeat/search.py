@@ -45,7 +45,9 @@ STRATEGIES = ("first", "best")
 
 
 def _cell(value: list[int | float]) -> str | None:
-    return None if len(value) == 2 else f"{value!r} is not a cell; give [block, t]"
+    if len(value) != 2 or not float(value[0]).is_integer():
+        return f"{value!r} is not a cell; give [block, t] (an integer block, a time in the model's convention)"
+    return None
 
 
 @dataclass

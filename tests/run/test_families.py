@@ -126,6 +126,13 @@ def test_an_option_the_family_does_not_take_is_refused(roots, tmp_path):
         Experiment(cfg).depth("image")
 
 
+def test_an_unknown_family_is_one_line_listing_the_known_ones():
+    with pytest.raises(ValueError, match=r"image.backbone.*: 'sdxl' is not an image backbone; choose from dit, sit, "):
+        apply_overrides(RunConfig(), ["image.backbone=sdxl"])
+    with pytest.raises(ValueError, match=r"search.image_start.*integer block"):
+        apply_overrides(RunConfig(), ["search.image_start=[1.5, 0.25]"])
+
+
 def test_a_sit_named_file_is_not_taken_for_a_dit(tmp_path):
     path = tmp_path / "SiT-XL-2-256x256.pt"
     torch.save({}, path)
