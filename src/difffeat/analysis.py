@@ -28,6 +28,8 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import StandardScaler
 
+from difffeat.utils.times import as_time
+
 Cell = tuple[int, int]
 
 # Which way is better for each clustering score, so tables and tests need not remember (Davies-Bouldin is "lower").
@@ -45,7 +47,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 def _cell_position(cell: Sequence[int], blocks: Sequence[int], timesteps: Sequence[int]) -> tuple[int, int]:
     """(block, t) in real indices -> (x, y) = (timestep column, block row) in the image."""
-    block, t = int(cell[0]), int(cell[1])
+    block, t = int(cell[0]), as_time(cell[1])
     if block not in blocks or t not in timesteps:
         raise ValueError(f"cell {(block, t)} is not on the heatmap grid (blocks {list(blocks)}, t {list(timesteps)})")
     return list(timesteps).index(t), list(blocks).index(block)

@@ -36,15 +36,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from difffeat.utils.options import Options, option
+from difffeat.utils.times import as_time
 
-Cell = tuple[int, int]
+Cell = tuple[int, int | float]  # (block, time in the backbone's convention)
 PairKey = tuple[Cell, Cell]
 MODALITIES = ("image", "text")
 STRATEGIES = ("first", "best")
 
 
-def _cell(value: list[int]) -> str | None:
-    return None if len(value) == 2 else f"{value!r} is not a cell; give [block, t]"
+def _cell(value: list[int | float]) -> str | None:
+    if len(value) != 2 or not float(value[0]).is_integer():
+        return f"{value!r} is not a cell; give [block, t] (an integer block, a time in the model's convention)"
+    return None
 
 
 @dataclass
@@ -58,11 +61,15 @@ class SearchOptions(Options):
         help="search: local search, probes on demand; grid: full sweep, then the search on its table",
     )
     image_grid_blocks: list[int] = option(default_factory=list, help="lattice blocks; empty: all of the model's")
-    image_grid_timesteps: list[int] = option(default_factory=list, min=0, help="lattice timesteps; empty: default")
+    image_grid_timesteps: list[int | float] = option(
+        default_factory=list, min=0, help="lattice times in the backbone's convention; empty: its default grid"
+    )
     text_grid_blocks: list[int] = option(default_factory=list, help="lattice blocks; empty: all of the model's")
-    text_grid_timesteps: list[int] = option(default_factory=list, min=0, help="lattice noise steps; empty: default")
-    image_start: list[int] | None = option(None, check=_cell, help="[block, t]; none: middle block, middle t")
-    text_start: list[int] | None = option(None, check=_cell, help="[block, t]; none: deepest block, t = 0")
+    text_grid_timesteps: list[int | float] = option(
+        default_factory=list, min=0, help="lattice noise steps in the backbone's convention; empty: its default grid"
+    )
+    image_start: list[int | float] | None = option(None, check=_cell, help="[block, t]; none: middle block, middle t")
+    text_start: list[int | float] | None = option(None, check=_cell, help="[block, t]; none: deepest block, t = 0")
     budget: int | None = option(None, min=0, help="most new evaluations; none: unlimited")
     radius: int = option(1, min=1, help="neighbourhood half-width in lattice steps")
     strategy: str = option(
@@ -307,7 +314,7 @@ class _Lattice:
         return self.blocks[-1], self.timesteps[0]
 
     def check(self, cell: Sequence[int]) -> Cell:
-        cell = (int(cell[0]), int(cell[1]))
+        cell = (int(cell[0]), as_time(cell[1]))
         if cell[0] not in self.blocks or cell[1] not in self.timesteps:
             raise ValueError(
                 f"{self.modality} start {cell} is not on the grid: blocks {self.blocks}, timesteps {self.timesteps}"
@@ -333,8 +340,8 @@ class _Lattice:
         ]
 
 
-def _sorted_axis(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    axis = tuple(int(v) for v in values)
+def _sorted_axis(name: str, values: Sequence[int | float]) -> tuple[int | float, ...]:
+    axis = tuple(as_time(v) for v in values)
     if not axis or any(a >= b for a, b in itertools.pairwise(axis)):
         raise ValueError(f"{name} must be non-empty and strictly increasing, got {list(axis)}")
     return axis

@@ -1,10 +1,15 @@
-"""Every extraction option is settable from the CLI and changes the store key exactly when it changes the numbers."""
+"""Every extraction option is settable from the CLI and changes the store key exactly when it changes the numbers.
+
+The options every family reads are walked on a tiny DiT and DDiT; the family options on the family that takes
+them: a tiny SD3 pipeline (with a planted massive-activation channel) and the tiny DiT read as a SiT.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import yaml
+from tests.models.tiny_pipelines import TEXT_LEN, plant_massive_channel, save_sd3
 
 from difffeat.run.config import RunConfig, apply_overrides
 from difffeat.run.pipeline import Experiment
@@ -37,6 +42,23 @@ ALTERNATIVES = {
     "image.sample_posterior": False,  # no VAE, so no posterior: changes nothing
     "text.max_length": 4,
     "text.add_special": "eos",
+    "image.backbone": "dit",  # what the folder says: spelling it out changes nothing
+    "text.backbone": "ddit",
+}
+# walked on one family that takes them (base settings, alternatives, the cell)
+FAMILIES = {
+    "sd3": (
+        ["extract.modalities=[image]", f"image.max_sequence_length={TEXT_LEN}"],
+        {
+            "image.condition": "caption",
+            "image.stream": "both",
+            "image.dtype": "bfloat16",
+            "image.max_sequence_length": 8,
+            "image.massive": "zero",  # the planted channel is found and zeroed
+        },
+        (1, 0.25),
+    ),
+    "sit": (["extract.modalities=[image]", "image.backbone=sit"], {"image.path": "gvp"}, (1, 0.5)),
 }
 NOT_WALKED = {
     "extract.compile": "needs a C++ compiler; test_perf_options checks compiled features equal plain ones",
@@ -56,6 +78,11 @@ def models(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return plant_massive_channel(save_sd3(tmp_path_factory.mktemp("sd3") / "sd3"), channel=3)
+
+
 def base_config(models) -> RunConfig:
     dit, ddit = models
     return apply_overrides(
@@ -66,12 +93,12 @@ def base_config(models) -> RunConfig:
     )  # fmt: skip
 
 
-def extract_cell(cfg: RunConfig, out, modality: str) -> tuple[str, np.ndarray]:
+def extract_cell(cfg: RunConfig, out, modality: str, cells=CELLS) -> tuple[str, np.ndarray]:
     """The store key name and the features of the modality's walk cell, computed afresh in folder ``out``."""
     from dataclasses import replace
 
     exp = Experiment(replace(cfg, out=str(out)))
-    block, t = CELLS[modality]
+    block, t = cells[modality]
     block = block % exp.depth(modality)
     exp.ensure(modality, [block], [t], ["train"])
     key = exp.key(modality, (block, t), "train")
@@ -80,22 +107,36 @@ def extract_cell(cfg: RunConfig, out, modality: str) -> tuple[str, np.ndarray]:
 
 def test_the_walk_covers_every_extraction_option():
     paths = {p for p, _, _ in option_paths(RunConfig) if p.split(".")[0] in ("extract", "image", "text")}
-    assert paths == set(ALTERNATIVES) | set(NOT_WALKED)
+    family = {p for _, alternatives, _ in FAMILIES.values() for p in alternatives}
+    assert paths == set(ALTERNATIVES) | family | set(NOT_WALKED)
 
 
-@pytest.mark.slow
-def test_each_extraction_option_changes_the_store_key_exactly_when_it_changes_the_numbers(tmp_path, models):
-    base = base_config(models)
-    reference = {m: extract_cell(base, tmp_path / "base", m) for m in CELLS}
+def walk(base: RunConfig, alternatives: dict, cells: dict, out) -> list[str]:
+    """Each alternative set through ``--set``; the options whose key and numbers do not change together."""
+    reference = {m: extract_cell(base, out / "base", m, cells) for m in cells}
     wrong = []
-    for i, (path, value) in enumerate(ALTERNATIVES.items()):
+    for i, (path, value) in enumerate(alternatives.items()):
         cfg = apply_overrides(base, [f"{path}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
         section, name = path.split(".")
         assert getattr(getattr(cfg, section), name) == value, path  # settable with --set
-        for modality in CELLS:
-            key, features = extract_cell(cfg, tmp_path / f"opt{i}", modality)
+        for modality in cells:
+            key, features = extract_cell(cfg, out / f"opt{i}", modality, cells)
             ref_key, ref = reference[modality]
             numbers = features.shape != ref.shape or not np.allclose(features, ref, rtol=1e-4, atol=1e-5)
             if numbers != (key != ref_key):
                 wrong.append(f"{path} ({modality}): numbers changed {numbers}, key changed {key != ref_key}")
-    assert not wrong, wrong
+    return wrong
+
+
+@pytest.mark.slow
+def test_each_extraction_option_changes_the_store_key_exactly_when_it_changes_the_numbers(tmp_path, models):
+    assert not (wrong := walk(base_config(models), ALTERNATIVES, CELLS, tmp_path)), wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_option_changes_the_store_key_exactly_when_it_changes_the_numbers(tmp_path, models, sd3, family):
+    settings, alternatives, cell = FAMILIES[family]
+    source = sd3 if family == "sd3" else models[0]
+    base = apply_overrides(base_config(models), [f"image.dit={source}", *settings])
+    assert not (wrong := walk(base, alternatives, {"image": cell}, tmp_path)), wrong

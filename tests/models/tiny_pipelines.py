@@ -156,3 +156,20 @@ def empty_prompt(pipeline_cls, root, family):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     embeds, pooled, _ = pipe.encode_prompt([""], None, max_sequence_length=TEXT_LEN)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def plant_massive_channel(root: Path, channel: int) -> Path:
+    """Make ``channel`` of the residual stream massive from SD3 block 0 on, as in trained DiTs: its MLP adds 1000
+    to that channel of every image token, through a gate fixed at 1 (adaLN row of gate_mlp zeroed, bias 1)."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer")
+    block, width = transformer.transformer_blocks[0], transformer.inner_dim
+    gate = 5 * width + channel  # AdaLayerNormZero's chunks: shift, scale, gate (attention); shift, scale, gate (MLP)
+    with torch.no_grad():
+        block.norm1.linear.weight[gate] = 0
+        block.norm1.linear.bias[gate] = 1.0
+        block.ff.net[2].weight[channel] = 0
+        block.ff.net[2].bias[channel] = 1000.0
+    transformer.save_pretrained(root / "transformer")
+    return root

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 from difffeat.data.registry import available_datasets
+from difffeat.models.base import DDPM, resolve_family
+from difffeat.models.diffusers_dits import FLOW
+from difffeat.models.sit import SIT_FLOW
 from difffeat.run.config import load_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
@@ -22,3 +25,21 @@ def test_config_parses_and_names_a_reader(path):
     assert cfg.search.mode in ("search", "grid")
     if cfg.search.image_start:
         assert len(cfg.search.image_start) == 2
+
+
+CONVENTIONS = {"dit": DDPM, "sit": SIT_FLOW, "pixart": DDPM, "sd3": FLOW, "flux": FLOW}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_times_are_in_its_backbones_convention(path):
+    """What the pipeline checks once the model is loaded, checked here from the family alone (named, read from a
+    hub id, or a DiT for the checkpoint files these configs point at)."""
+    cfg = load_config(path)
+    try:
+        family = resolve_family(cfg.image.dit, "image", cfg.image.backbone)
+    except ValueError:
+        family = "dit"
+    s = cfg.search
+    start = [s.image_start[1]] if s.image_start else []
+    for t in [*cfg.extract.image_timesteps, *s.image_grid_timesteps, *start]:
+        CONVENTIONS[family].check(t)

@@ -63,6 +63,16 @@ def test_the_fused_head_cannot_carry_the_image_checks_and_missing_runs_are_undec
     assert "image_search_within_0.5_of_grid" not in out and out["image_best_t_below_grid_max"] is True
 
 
+def test_the_noisiest_time_follows_the_convention():
+    """SiT counts time the other way (t = 1 clean): its noisiest grid time is the smallest."""
+    sit = {"image": ([0, 1, 2], [0.1, 0.5, 0.9, 0.99])}
+    best_at_clean = {"image": tables(image_best=(1, 3))["image"]}
+    assert claims(results(), search(), best_at_clean, sit, "mAP")["image_best_t_below_grid_max"] is False
+    assert claims(results(), search(), best_at_clean, sit, "mAP", {"image": 0.1})["image_best_t_below_grid_max"]
+    best_at_noise = {"image": tables(image_best=(1, 0))["image"]}
+    assert not claims(results(), search(), best_at_noise, sit, "mAP", {"image": 0.1})["image_best_t_below_grid_max"]
+
+
 def test_probes_and_heads_cut_off_while_improving_are_named(tmp_path):
     (tmp_path / "sweep_image.csv").write_text("block,t,val_score,best_epoch,seconds\n0,0,30.0,200,1\n0,50,20.0,120,1\n")
     (tmp_path / "sweep_text.csv").write_text("block,t,val_score,best_epoch,seconds\n1,0,70.0,181,1\n")

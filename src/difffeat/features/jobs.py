@@ -29,11 +29,13 @@ from difffeat.data.core import DataError, Split, load_image
 from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
 from difffeat.features.store import EntryKey, FeatureStore, ids_digest
 from difffeat.models.common import resolve_indices
+from difffeat.models.massive import MassiveChannels, find_massive_channels
 from difffeat.models.vae import images_to_tensor
 from difffeat.utils.distributed import barrier, rank_zero_first
 from difffeat.utils.options import digest, numbers_fields
 from difffeat.utils.progress import progress
 from difffeat.utils.runtime import to_device
+from difffeat.utils.times import as_time
 
 
 @dataclass
@@ -211,33 +213,56 @@ def prepare_ids(store: FeatureStore, split: Split, skip_bad: bool) -> list[int]:
     return rows
 
 
+@dataclass(frozen=True)
+class Massive:
+    """A run's massive-activation suppression: the channels of each block (``models.massive``) and what found
+    them (``calibration``: mode, calibration rows and times), which the entries' fingerprints hold, so the key is
+    known before the channels are measured and changes whenever they could."""
+
+    channels: MassiveChannels
+    calibration: dict
+
+
 def entry_fingerprint(
     modality: str,
     model: ImageModelOptions | TextModelOptions,
     ex: ExtractOptions,
     identity: Mapping[str, str | None],
     ids: Sequence[str],
+    massive: dict | None = None,
 ) -> dict:
     """Everything that determines the numbers of a feature entry besides its cell: the model's identity (see
     :mod:`difffeat.utils.identity`), the numbers-changing options of the model and of the extraction for this
-    modality (declared with ``numbers=`` in :mod:`difffeat.features.options`), and the rows it holds."""
-    return {
+    modality (declared with ``numbers=`` in :mod:`difffeat.features.options`), the rows it holds, and the
+    calibration of the massive channels it suppresses (:attr:`Massive.calibration`)."""
+    out = {
         "modality": modality,
         "identity": dict(identity),
         "model": numbers_fields(model, modality),
         "extract": numbers_fields(ex, modality),
         "ids": ids_digest(ids),
     }
+    if massive is not None:
+        out["massive"] = massive
+    return out
 
 
 def effective_options(model: ImageModelOptions | TextModelOptions, extractor) -> ImageModelOptions | TextModelOptions:
-    """The model options with their defaults replaced by what ``extractor`` actually uses (image size, posterior
-    sampling, max length, special tokens), so leaving an option at its default and spelling the default out share
-    one entry, and an option that has no effect on this model (posterior sampling without a VAE) changes nothing."""
+    """The model options with their defaults replaced by what ``extractor`` actually uses (the family, image size,
+    posterior sampling, SiT path, max length, special tokens), so leaving an option at its default and spelling
+    the default out share one entry, and an option that has no effect on this model (posterior sampling without
+    a VAE) changes nothing."""
+    backbone = extractor.backbone
     if isinstance(model, ImageModelOptions):
         sample = bool(getattr(extractor.encoder, "sample", False))
-        return replace(model, image_size=extractor.image_size, sample_posterior=sample)
-    return replace(model, max_length=extractor.max_length, add_special=extractor.tokenizer.add_special)
+        path = getattr(backbone, "path", None)  # SiT's interpolant
+        return replace(
+            model, backbone=backbone.family, image_size=extractor.image_size, sample_posterior=sample,
+            path=path.name if path is not None else None,
+        )  # fmt: skip
+    return replace(
+        model, backbone=backbone.family, max_length=extractor.max_length, add_special=extractor.tokenizer.add_special
+    )
 
 
 def entry_variant(fingerprint: dict) -> str:
@@ -280,8 +305,8 @@ def cache_latents(
 ) -> EntryKey:
     """VAE latents (or preprocessed pixels) of the split, once: they do not depend on the timestep.
 
-    Their key's variant fingerprints what they depend on: the VAE's identity ``vae``, the image size, posterior
-    sample or mean, the seed (in the key) and the rows.
+    Their key's variant fingerprints what they depend on: the VAE's identity ``vae`` and dtype (a bf16 pipeline
+    encodes in bf16), the image size, posterior sample or mean, the seed (in the key) and the rows.
 
     Images are decoded by a DataLoader (``ex.num_workers`` processes, pinned memory on CUDA) that walks this
     rank's pending shards batch by batch in the order the shard loop asks for them.
@@ -289,6 +314,8 @@ def cache_latents(
     posterior = "sample" if getattr(extractor.encoder, "sample", False) else "mean"
     ids = [split.samples[i].id for i in rows]
     fingerprint = {"vae": vae, "image_size": extractor.image_size, "posterior": posterior, "ids": ids_digest(ids)}
+    if extractor.encoder is not None:
+        fingerprint["dtype"] = str(next(extractor.encoder.vae.parameters()).dtype)
     key = EntryKey("latent", name, -1, -1, "none", ex.seed, split.name, entry_variant(fingerprint))
     dev = extractor.device
     pending = pending_shards(store, [key], len(rows), ex.shard_size, **dist)
@@ -314,6 +341,48 @@ def cache_latents(
     return key
 
 
+def condition_captions(split: Split, rows: list[int], model: ImageModelOptions) -> list[str] | None:
+    """Each row's first caption when the image backbone is conditioned on captions (``condition: caption``),
+    else None (the cached empty prompt); a sample without a caption is a one-line error."""
+    if model.condition != "caption":
+        return None
+    samples = [split.samples[i] for i in rows]
+    missing = [s.id for s in samples if not s.captions]
+    if missing:
+        raise DataError(
+            f"split {split.name!r}: sample {missing[0]!r} has no caption, which image.condition: caption needs "
+            f"({len(missing)} such samples; use condition: null)"
+        )
+    return [s.captions[0] for s in samples]
+
+
+def calibrate_massive(
+    store: FeatureStore,
+    extractor,
+    split: Split,
+    rows: list[int],
+    latent_key: EntryKey,
+    model: ImageModelOptions,
+    ex: ExtractOptions,
+    blocks: Sequence[int],
+    times: Sequence[float],
+) -> dict[int, list[int]]:
+    """Each block's massive channels on the (cached) latents of ``rows``: those that stand out at any of
+    ``times`` (:func:`~difffeat.models.massive.find_massive_channels`). One block at a time, so only one block's
+    tokens are held; each forward stops at its block."""
+    latents = torch.from_numpy(np.array(store.read(latent_key)[: len(rows)]))
+    captions = condition_captions(split, rows, model)
+    ids = [split.samples[i].id for i in rows]
+    found: dict[int, list[int]] = {}
+    for block in blocks:
+        tokens = extractor(
+            latents=latents, blocks=[block], timesteps=list(times), pool="none", seed=ex.seed, ids=ids,
+            class_label=model.class_label, captions=captions, bf16=ex.bf16,
+        )  # fmt: skip
+        found[block] = sorted({c for x in tokens.values() for c in find_massive_channels(x)})
+    return found
+
+
 def _load(split: Split, i: int):
     try:
         return load_image(split.samples[i])
@@ -329,25 +398,33 @@ def extract_image_split(
     model: ImageModelOptions,
     ex: ExtractOptions,
     blocks: Sequence[int],
-    timesteps: Sequence[int],
+    timesteps: Sequence[float],
     identity: Mapping[str, str | None] | None = None,
+    massive: Massive | None = None,
     **dist,
-) -> dict[tuple[int, int], EntryKey]:
+) -> dict[tuple[int, float], EntryKey]:
     """Image features for every (block, t) of the grid, one truncated forward per timestep and batch.
 
     ``identity`` names the weights (``{"dit": ..., "vae": ...}``, see :mod:`difffeat.utils.identity`); the
-    entries' keys fingerprint it with the options and rows (:func:`entry_fingerprint`).
+    entries' keys fingerprint it with the options and rows (:func:`entry_fingerprint`). Times are in the
+    backbone's convention, which the keys name. With ``model.condition == "caption"`` each sample's first
+    caption conditions its forward; ``massive`` (channels of every asked block) suppresses them before pooling.
     """
     identity = dict(identity or {})
     with rank_zero_first(**dist):
         rows = prepare_ids(store, split, ex.skip_bad)
     latent_key = cache_latents(store, extractor, split, rows, name, ex, identity.get("vae"), **dist)
-    blocks = resolve_indices(blocks, extractor.dit.depth)
+    blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
-    fingerprint = entry_fingerprint("image", effective_options(model, extractor), ex, identity, ids)
+    captions = condition_captions(split, rows, model)
+    calibration = None if massive is None else massive.calibration
+    fingerprint = entry_fingerprint("image", effective_options(model, extractor), ex, identity, ids, calibration)
     variant = entry_variant(fingerprint)
+    time = extractor.backbone.time.name
     keys = {
-        (b, t): EntryKey("image", name, b, t, ex.pool, ex.seed, split.name, variant) for b in blocks for t in timesteps
+        (b, as_time(t)): EntryKey("image", name, b, as_time(t), ex.pool, ex.seed, split.name, variant, time)
+        for b in blocks
+        for t in timesteps
     }
     dtype, dev = torch_dtype(ex.store_dtype), extractor.device
 
@@ -367,6 +444,8 @@ def extract_image_split(
                 ids=ids[b0:b1],
                 ensemble=ex.ensemble,
                 class_label=model.class_label,
+                captions=None if captions is None else captions[b0:b1],
+                massive=None if massive is None else massive.channels,
                 bf16=ex.bf16,
                 fuse_timesteps=ex.fuse_timesteps,
                 keep_on_device=True,
@@ -389,22 +468,23 @@ def extract_text_split(
     model: TextModelOptions,
     ex: ExtractOptions,
     blocks: Sequence[int],
-    timesteps: Sequence[int],
+    timesteps: Sequence[float],
     identity: Mapping[str, str | None] | None = None,
     **dist,
-) -> dict[tuple[int, int], EntryKey]:
+) -> dict[tuple[int, float], EntryKey]:
     """Caption features for every (block, step) of the grid, over the same rows as the image branch.
 
     ``identity`` names the weights and tokenizer (``{"ddit": ..., "tokenizer": ...}``), fingerprinted as for images.
     """
     with rank_zero_first(**dist):
         rows = prepare_ids(store, split, ex.skip_bad)
-    blocks = resolve_indices(blocks, extractor.ddit.depth)
+    blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
     fingerprint = entry_fingerprint("text", effective_options(model, extractor), ex, identity or {}, ids)
     variant = entry_variant(fingerprint)
+    time = extractor.backbone.time.name
     keys = {
-        (b, t): EntryKey("text", name, b, t, ex.text_pool, ex.seed, split.name, variant)
+        (b, as_time(t)): EntryKey("text", name, b, as_time(t), ex.text_pool, ex.seed, split.name, variant, time)
         for b in blocks
         for t in timesteps
     }

@@ -14,6 +14,21 @@ from dataclasses import dataclass
 
 from difffeat.utils.options import Options, option
 
+Time = int | float  # a time in the backbone's own convention: DDPM index, masked step, flow time in [0, 1]
+
+
+def _family(modality: str):
+    """A check that the name is a registered family of ``modality`` (looked up when a name is given, so reading
+    the options never imports the adapters' heavy dependencies)."""
+
+    def check(value: str) -> str | None:
+        from difffeat.models.base import families
+
+        known = families(modality)
+        return None if value in known else f"{value!r} is not an {modality} backbone; choose from {', '.join(known)}"
+
+    return check
+
 
 def _device(value: str) -> str | None:
     if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
@@ -23,10 +38,23 @@ def _device(value: str) -> str | None:
 
 @dataclass
 class ImageModelOptions(Options):
-    """Where the image branch's DiT (and VAE) come from and how they are read."""
+    """Where the image branch's diffusion transformer (and VAE) come from and how they are read.
 
-    dit: str | None = option(None, help="DiT: official .pt, diffusers folder/hub id, or our folder; none: no image")
-    vae: str | None = option(None, help="AutoencoderKL hub id or folder; none for pixel-space DiTs")
+    The family options (``path``, ``condition``, ``stream``, ``dtype``, ``max_sequence_length``) go to the
+    family's loader; one set on a family that does not take it is an error, not silently ignored.
+    """
+
+    dit: str | None = option(
+        None,
+        help="the image model: official .pt, diffusers pipeline folder/hub id, or our folder; none: no image branch",
+    )
+    backbone: str | None = option(
+        None,
+        check=_family("image"),
+        numbers=True,
+        help="family: dit, sit, pixart, sd3, flux, diffusers (generic); none: read from the source",
+    )
+    vae: str | None = option(None, help="AutoencoderKL hub id or folder; default: the pipeline's own, none for pixels")
     name: str | None = option(None, help="short name in store keys and reports (default: from the path)")
     numerics: str = option(
         "official",
@@ -41,13 +69,43 @@ class ImageModelOptions(Options):
     sample_posterior: bool = option(
         True, numbers=True, help="latent_dist.sample() with per-sample seeds (DiT's training) or its mean"
     )
+    path: str | None = option(
+        None, choices=("linear", "gvp", "vp"), numbers=True, help="sit: the interpolant it was trained with"
+    )
+    condition: str = option(
+        "null",
+        choices=("null", "caption"),
+        numbers=True,
+        help="pixart, sd3, flux: the cached empty prompt, or each sample's (first) caption",
+    )
+    stream: str = option(
+        "image", choices=("image", "text", "both"), numbers=True, help="sd3, flux: which tokens of a joint block"
+    )
+    dtype: str = option(
+        "float32",
+        choices=("float32", "bfloat16", "float16"),
+        numbers=True,
+        help="pixart, sd3, flux, diffusers: weights' dtype (bfloat16 for the large ones)",
+    )
+    max_sequence_length: int | None = option(
+        None, min=1, numbers=True, help="pixart, sd3, flux: prompt tokens (T5); none: the pipeline's default"
+    )
+    massive: str = option(
+        "none",
+        choices=("none", "zero", "normalise"),
+        numbers=True,
+        help="massive-activation channels (found per block on train rows) kept, zeroed or normalised",
+    )
 
 
 @dataclass
 class TextModelOptions(Options):
     """Where the text branch's DDiT and tokenizer come from and how captions are tokenized."""
 
-    ddit: str | None = option(None, help="SEDD/MDLM hub id or folder, or our folder; none: no text branch")
+    ddit: str | None = option(None, help="the text model: SEDD/MDLM hub id or folder, or our folder; none: no text")
+    backbone: str | None = option(
+        None, check=_family("text"), numbers=True, help="family: ddit (SEDD/MDLM); none: read from the source"
+    )
     tokenizer: str | None = option(None, help="AutoTokenizer id/folder or tokenizer.json; default: next to the model")
     name: str | None = option(None, help="short name in store keys and reports (default: from the path)")
     max_length: int | None = option(None, min=1, numbers=True, help="tokens per caption; default: the model's")
@@ -64,9 +122,13 @@ class ExtractOptions(Options):
     """Which (block, t) cells to extract and how. Blocks are 0-based; negative ones count from the end."""
 
     image_blocks: list[int] = option(default_factory=lambda: [11], help="image blocks to extract")
-    image_timesteps: list[int] = option(default_factory=lambda: [100], min=0, help="image DDPM timesteps")
+    image_timesteps: list[Time] = option(
+        default_factory=lambda: [100], min=0, help="image times in the backbone's convention (DDPM index, flow t)"
+    )
     text_blocks: list[int] = option(default_factory=lambda: [-1], help="text blocks to extract")
-    text_timesteps: list[int] = option(default_factory=lambda: [0], min=0, help="text noise steps")
+    text_timesteps: list[Time] = option(
+        default_factory=lambda: [0], min=0, help="text times in the backbone's convention (masked step)"
+    )
     pool: str = option("mean", choices=("mean", "none"), numbers="image", help="image token pooling")
     text_pool: str = option("mean", choices=("mean", "last", "none"), numbers="text", help="text token pooling")
     token_norm: bool = option(False, numbers=True, help="normalise each token before pooling")

@@ -45,7 +45,9 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class EntryKey:
-    """Identifies one feature array. ``t`` is a DDPM index for images, a noise step for text, -1 if none.
+    """Identifies one feature array. ``t`` is a time in the backbone's own convention, named by ``time``
+    (``models.base.TimeConvention.name``: "ddpm", "flow", "sit-flow", "masked"), -1 if none; the name shows
+    both (``t0.25-flow``), so a DDPM index and a flow time are never read as one another.
 
     ``variant`` is the fingerprint of everything else that determines the numbers (model identity, options,
     id list), so two settings never collide.
@@ -54,17 +56,19 @@ class EntryKey:
     modality: str
     model: str
     block: int
-    t: int
+    t: int | float
     pool: str
     seed: int
     split: str
     variant: str = ""
+    time: str = ""
 
     @property
     def name(self) -> str:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model).strip("-") or "model"
         var = f"_{self.variant}" if self.variant else ""
-        return f"{self.modality}__{safe}__{self.split}__b{self.block}_t{self.t}_{self.pool}_s{self.seed}{var}"
+        t = f"t{self.t}-{self.time}" if self.time else f"t{self.t}"
+        return f"{self.modality}__{safe}__{self.split}__b{self.block}_{t}_{self.pool}_s{self.seed}{var}"
 
 
 def ids_digest(ids: Sequence[str]) -> str:

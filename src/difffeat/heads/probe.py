@@ -34,6 +34,7 @@ from difffeat.heads.train import (
 from difffeat.utils.io import atomic_write_text
 from difffeat.utils.progress import progress as progress_bar
 from difffeat.utils.runtime import seeded
+from difffeat.utils.times import as_time
 
 __all__ = [
     "HistoryRow", "ProbeOptions", "ProbeResult", "SweepResult", "SweepRow", "fit_probe", "fit_probes", "run_sweep"
@@ -157,7 +158,7 @@ class SweepRow:
     """One probed (block, t) cell."""
 
     block: int
-    t: int
+    t: int | float  # in the backbone's time convention
     val_score: float
     best_epoch: int
     seconds: float
@@ -207,7 +208,7 @@ def run_sweep(
     does not record the config: delete it when the recipe or the labels change.
     """
     cfg = cfg or ProbeOptions()
-    blocks, timesteps = [int(b) for b in blocks], [int(t) for t in timesteps]
+    blocks, timesteps = [int(b) for b in blocks], [as_time(t) for t in timesteps]
     done = _read_rows(Path(csv_path)) if csv_path is not None else {}
     todo = [(b, t) for b in blocks for t in timesteps if (b, t) not in done]
     result = SweepResult(blocks, timesteps, [done[b, t] for b in blocks for t in timesteps if (b, t) in done])
@@ -270,7 +271,7 @@ def _parse_row(record: dict[str, str | None]) -> SweepRow | None:
     try:
         row = SweepRow(
             int(record["block"]),
-            int(record["t"]),
+            as_time(record["t"]),
             float(record["val_score"]),
             int(record["best_epoch"]),
             float(record["seconds"]),

@@ -25,6 +25,7 @@ family; an adapter only says how its model is fed and where its blocks are.
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
 import re
 from collections.abc import Sequence
@@ -232,8 +233,9 @@ def adapt(model: nn.Module, **options: Any) -> Backbone:
     raise TypeError(f"no registered backbone family wraps a {type(model).__name__}; known: {', '.join(families())}")
 
 
-def load_backbone(source: str | Path, modality: str, family: str | None = None, **options: Any) -> Backbone:
-    """Load ``source`` with the named family, or with the first family of ``modality`` that recognises it."""
+def resolve_family(source: str | Path, modality: str, family: str | None = None) -> str:
+    """The named family (checked against ``modality``), or the first family of ``modality`` that recognises
+    ``source``; a one-line ValueError when none does."""
     if family is None:
         found = [n for n in families(modality) if backbone_class(n).recognises(str(source))]
         if not found:
@@ -245,7 +247,19 @@ def load_backbone(source: str | Path, modality: str, family: str | None = None, 
     cls = backbone_class(family)
     if cls.modality != modality:
         raise ValueError(f"backbone {family!r} reads {cls.modality}, not {modality}")
-    return cls.from_pretrained(str(source), **options)
+    return family
+
+
+def loader_options(family: str) -> set[str]:
+    """The keyword options the family's ``from_pretrained`` takes, so a caller can tell an option the family
+    reads from one it would silently not (a config's ``stream`` on a DiT)."""
+    parameters = inspect.signature(backbone_class(family).from_pretrained).parameters
+    return {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def load_backbone(source: str | Path, modality: str, family: str | None = None, **options: Any) -> Backbone:
+    """Load ``source`` with the named family, or with the first family of ``modality`` that recognises it."""
+    return backbone_class(resolve_family(source, modality, family)).from_pretrained(str(source), **options)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")

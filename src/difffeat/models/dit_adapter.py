@@ -7,6 +7,7 @@ says in what order it is called, so the extractors need not know they are readin
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _DIFFUSERS_CLASS = "DiTTransformer2DModel"
+_SIT_NAME = re.compile(r"sit[-_]", re.IGNORECASE)  # SiT-XL-2-256x256.pt, sit_b2.pt (the official names)
 
 
 def _vae_downsampling(vae: Any) -> int:
@@ -52,9 +54,17 @@ class DiTAdapter:
     @classmethod
     def recognises(cls, source: str) -> bool:
         """An official checkpoint file, our folder (``architecture: dit``), a diffusers DiT transformer or
-        pipeline folder, or a hub id naming a DiT."""
+        pipeline folder, or a hub id naming a DiT.
+
+        A file named like a SiT checkpoint (``SiT-XL-2-256x256.pt``) is refused with a ValueError: its tensors
+        are a DiT's, so it would load, and be read with DDPM time instead of SiT's flow time."""
         path = Path(source)
         if path.is_file():
+            if _SIT_NAME.match(path.name):
+                raise ValueError(
+                    f"{source}: the name says SiT, whose checkpoints no tensor tells from a DiT's; pass backbone='sit' "
+                    "(config: image.backbone: sit) to read it with flow time, or backbone='dit' if it is a DiT"
+                )
             return path.suffix in _WEIGHT_SUFFIXES
         for config in (path / "config.json", path / "transformer" / "config.json"):
             if config.is_file():

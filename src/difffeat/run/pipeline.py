@@ -22,11 +22,12 @@ numbers-changing options) is refused unless ``recompute`` is given, so one run n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from difffeat.data import Dataset
 from difffeat.data.core import load_image
 from difffeat.data.registry import load_dataset
 from difffeat.features.jobs import (
+    Massive,
+    cache_latents,
+    calibrate_massive,
     effective_options,
     entry_fingerprint,
     entry_variant,
@@ -48,11 +52,14 @@ from difffeat.features.jobs import (
     model_name,
     prepare_ids,
 )
+from difffeat.features.options import ImageModelOptions, TextModelOptions
 from difffeat.features.store import EntryKey, FeatureStore, ids_digest
 from difffeat.heads.fusion import FusionOptions, FusionResult, fit_fusion
 from difffeat.heads.probe import ProbeOptions, fit_probe, run_sweep
 from difffeat.metrics import multilabel_metrics, single_label_metrics
+from difffeat.models.base import TimeConvention, families, load_backbone, loader_options, resolve_family
 from difffeat.models.common import resolve_indices
+from difffeat.models.massive import MassiveChannels
 from difffeat.models.vae import center_crop_arr
 from difffeat.run.config import ConfigError, RunConfig, check_run, config_changes, register_demo, save_config
 from difffeat.run.summary import chosen_cells
@@ -64,11 +71,21 @@ from difffeat.utils.lock import FolderLock
 from difffeat.utils.options import digest, from_dict, numbers_fields
 from difffeat.utils.progress import progress
 from difffeat.utils.runtime import resolve_device
+from difffeat.utils.times import as_time
 
-Cell = tuple[int, int]
-DEFAULT_IMAGE_TIMESTEPS = [10, 50, 100, 200, 300, 400, 500, 700, 900]
-DEFAULT_TEXT_STEPS = [0, 100, 250, 500, 750]
+Cell = tuple[int, int | float]  # (block, time in the backbone's convention)
+# The sweep grid when the config gives none, per time convention (models.base.TimeConvention.name): from nearly
+# clean to mostly noise. Flow grids are DDPM's spread over [0, 1]; SiT counts its time the other way (t = 1 clean).
+DEFAULT_TIMES: dict[str, list[int | float]] = {
+    "ddpm": [10, 50, 100, 200, 300, 400, 500, 700, 900],
+    "flow": [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9],
+    "sit-flow": [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+    "masked": [0, 100, 250, 500, 750],
+}
 PIXEL_BASELINE_SIZE = 32
+MASSIVE_CALIBRATION_ROWS = 16  # train rows the massive channels are measured on (they stand out on every image)
+SOURCE_FIELDS = {"dit", "ddit", "backbone", "name"}  # a model section's fields that say which model, not how
+PIPELINE_FIELDS = {"class_label", "massive"}  # read by the extraction jobs, not by the family's loader
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -121,28 +138,22 @@ class Experiment:
     @cached_property
     def image_extractor(self):
         from difffeat.features.extract import ImageFeatureExtractor
-        from difffeat.models.dit_load import load_dit
-        from difffeat.models.vae import load_vae
 
-        m = self.cfg.image
-        dit = load_dit(m.dit, numerics=m.numerics).to(self.device)
-        vae = load_vae(m.vae).to(self.device) if m.vae else None
-        return ImageFeatureExtractor(
-            dit, vae, image_size=m.image_size, sample_posterior=m.sample_posterior, compile=self.cfg.extract.compile
-        )
+        return ImageFeatureExtractor(self._backbone("image"), compile=self.cfg.extract.compile)
 
     @cached_property
     def text_extractor(self):
         from difffeat.features.extract import TextFeatureExtractor
-        from difffeat.models.ddit_load import load_ddit
-        from difffeat.models.tokenizers import load_tokenizer
 
-        m = self.cfg.text
-        ddit = load_ddit(m.ddit).to(self.device)
-        tok = load_tokenizer(
-            m.tokenizer or _default_tokenizer(m.ddit), add_special=m.add_special, kind=ddit.config.kind
-        )
-        return TextFeatureExtractor(ddit, tok, max_length=m.max_length, compile=self.cfg.extract.compile)
+        return TextFeatureExtractor(self._backbone("text"), compile=self.cfg.extract.compile)
+
+    def _backbone(self, modality: str):
+        """The configured model through the backbone registry: the family named in the config or read from the
+        source, given the options of its section that its loader takes (:func:`family_options`)."""
+        model = self.cfg.image if modality == "image" else self.cfg.text
+        source = model.dit if modality == "image" else model.ddit
+        family = resolve_family(source, modality, model.backbone)
+        return load_backbone(source, modality, family, **family_options(model, modality, family)).to(self.device)
 
     def model_name(self, modality: str) -> str:
         m = self.cfg.image if modality == "image" else self.cfg.text
@@ -150,38 +161,63 @@ class Experiment:
 
     @cached_property
     def identities(self) -> dict[str, dict[str, str | None]]:
-        """What the weights (and tokenizer) are, by content (see difffeat.utils.identity), per modality."""
+        """What the weights (and VAE, tokenizer) are, by content (see difffeat.utils.identity), per modality. A
+        default VAE or tokenizer is the source's own, identified with it."""
         out: dict[str, dict[str, str | None]] = {}
         if self.cfg.image.dit:
             out["image"] = {"dit": source_identity(self.cfg.image.dit), "vae": source_identity(self.cfg.image.vae)}
         if self.cfg.text.ddit:
-            tokenizer = self.cfg.text.tokenizer or _default_tokenizer(self.cfg.text.ddit)
-            out["text"] = {"ddit": source_identity(self.cfg.text.ddit), "tokenizer": source_identity(tokenizer)}
+            t = self.cfg.text
+            out["text"] = {"ddit": source_identity(t.ddit), "tokenizer": source_identity(t.tokenizer)}
         return out
 
+    def extractor(self, modality: str):
+        return self.image_extractor if modality == "image" else self.text_extractor
+
     def depth(self, modality: str) -> int:
-        return self.image_extractor.dit.depth if modality == "image" else self.text_extractor.ddit.depth
+        return self.extractor(modality).depth
+
+    def time(self, modality: str) -> TimeConvention:
+        """The backbone's time convention: every time of this modality in the config is one of its values."""
+        return self.extractor(modality).backbone.time
+
+    def times(self, modality: str, values: Sequence[float], where: str) -> list[int | float]:
+        """``values`` (from config key ``where``) checked against the backbone's time convention, in canonical
+        form; a value outside it is one line naming the key and the convention."""
+        convention = self.time(modality)
+        for t in values:
+            try:
+                convention.check(t)
+            except ValueError as exc:
+                raise ConfigError(where, f"{exc} (the {self.extractor(modality).backbone.family} backbone)") from None
+        return [as_time(t) for t in values]
 
     # ---- grids -------------------------------------------------------------------------------------
-    def grid(self, modality: str) -> tuple[list[int], list[int]]:
-        """(blocks, timesteps) of the sweep lattice; blocks default to all of the model's blocks."""
+    def grid(self, modality: str) -> tuple[list[int], list[int | float]]:
+        """(blocks, times) of the sweep lattice; blocks default to all of the model's blocks, times to the
+        default grid of the backbone's time convention."""
         s = self.cfg.search
         blocks = s.image_grid_blocks if modality == "image" else s.text_grid_blocks
         steps = s.image_grid_timesteps if modality == "image" else s.text_grid_timesteps
         depth = self.depth(modality)
         blocks = resolve_indices(blocks, depth) if blocks else list(range(depth))
-        default = DEFAULT_IMAGE_TIMESTEPS if modality == "image" else DEFAULT_TEXT_STEPS
-        return blocks, sorted(steps or default)
+        where = f"search.{modality}_grid_timesteps"
+        if not steps:
+            name = self.time(modality).name
+            if name not in DEFAULT_TIMES:
+                raise ConfigError(where, f"no default grid for {name} time: give the times to sweep")
+            steps = DEFAULT_TIMES[name]
+        return blocks, sorted(self.times(modality, steps, where))
 
     # ---- features ----------------------------------------------------------------------------------
-    def ensure(self, modality: str, blocks: Sequence[int], timesteps: Sequence[int], splits: Sequence[str]) -> None:
+    def ensure(self, modality: str, blocks: Sequence[int], timesteps: Sequence[float], splits: Sequence[str]) -> None:
         """Extract whatever of blocks x timesteps is missing: one truncated forward per timestep and batch."""
         for split in splits:
             if modality == "image":
                 ex = self.image_extractor
                 extract_image_split(
                     self.store, ex, self.data.split(split), self.model_name("image"), self.cfg.image,
-                    self.cfg.extract, blocks, timesteps, self.identities["image"], **self.dist,
+                    self.cfg.extract, blocks, timesteps, self.identities["image"], self.massive(blocks), **self.dist,
                 )  # fmt: skip
             else:
                 extract_text_split(
@@ -189,20 +225,73 @@ class Experiment:
                     self.cfg.extract, blocks, timesteps, self.identities["text"], **self.dist,
                 )  # fmt: skip
 
+    # ---- massive activations -----------------------------------------------------------------------
+    @cached_property
+    def massive_calibration(self) -> dict | None:
+        """What the massive channels are found on (``image.massive`` not none): the first
+        :data:`MASSIVE_CALIBRATION_ROWS` train rows at every time of the image grid; part of every image
+        entry's fingerprint."""
+        mode = self.cfg.image.massive
+        if mode == "none" or "image" not in self.modalities:
+            return None
+        ids = [s.id for s in self.samples("train")[:MASSIVE_CALIBRATION_ROWS]]
+        return {"mode": mode, "split": "train", "ids": ids_digest(ids), "times": self.grid("image")[1]}
+
+    def massive(self, blocks: Sequence[int]) -> Massive | None:
+        """The massive channels of ``blocks`` (and of every block measured before), measured on the calibration
+        rows where ``massive.json`` does not hold them for the current calibration yet."""
+        calibration = self.massive_calibration
+        if calibration is None:
+            return None
+        blocks = resolve_indices(blocks, self.depth("image"))
+        path = self.out / "massive.json"
+        fingerprint = digest({"identity": self.identities["image"], "model": numbers_fields(self.cfg.image),
+                              "extract": numbers_fields(self.cfg.extract, "image"), **calibration})  # fmt: skip
+        channels = _recorded_channels(path, fingerprint)
+        if any(b not in channels for b in blocks):
+            ex, split, rows = self.image_extractor, self.data.split("train"), self.rows("train")
+            vae, name = self.identities["image"]["vae"], self.model_name("image")
+            latents = cache_latents(self.store, ex, split, rows, name, self.cfg.extract, vae, **self.dist)
+            with distributed.rank_zero_first(**self.dist):  # rank 0 measures and writes, the others read
+                channels = _recorded_channels(path, fingerprint)
+                missing = [b for b in blocks if b not in channels]
+                if missing:
+                    channels |= calibrate_massive(
+                        self.store, ex, split, rows[:MASSIVE_CALIBRATION_ROWS], latents, self.cfg.image,
+                        self.cfg.extract, missing, calibration["times"],
+                    )  # fmt: skip
+                    if self.dist["rank"] == 0:
+                        by_block = {str(b): c for b, c in sorted(channels.items())}
+                        record = {"fingerprint": fingerprint, "mode": calibration["mode"], "channels": by_block}
+                        atomic_write_json(path, record)
+        return Massive(MassiveChannels(channels, calibration["mode"]), calibration)
+
+    def massive_record(self) -> dict | None:
+        """The channels measured in this run (``massive.json``), for metrics.json and the report."""
+        path = self.out / "massive.json"
+        if self.massive_calibration is None or not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        return {"mode": record["mode"], "channels": record["channels"]}
+
     def variant(self, modality: str, split: str) -> str:
         """The store variant of this modality's entries of ``split`` (the same for every cell)."""
         ids = [s.id for s in self.samples(split)]
-        model, extractor = (
-            (self.cfg.image, self.image_extractor) if modality == "image" else (self.cfg.text, self.text_extractor)
+        model = self.cfg.image if modality == "image" else self.cfg.text
+        options = effective_options(model, self.extractor(modality))
+        massive = self.massive_calibration if modality == "image" else None
+        return entry_variant(
+            entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids, massive)
         )
-        options = effective_options(model, extractor)
-        return entry_variant(entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids))
 
     def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
         ex = self.cfg.extract
         pool = ex.pool if modality == "image" else ex.text_pool
         name = model or self.model_name(modality)
-        return EntryKey(modality, name, cell[0], cell[1], pool, ex.seed, split, self.variant(modality, split))
+        return EntryKey(
+            modality, name, cell[0], as_time(cell[1]), pool, ex.seed, split, self.variant(modality, split),
+            self.time(modality).name,
+        )  # fmt: skip
 
     def features(self, modality: str, cell: Cell, split: str) -> np.ndarray:
         key = self.key(modality, cell, split)
@@ -210,12 +299,16 @@ class Experiment:
             self.ensure(modality, [cell[0]], [cell[1]], [split])
         return self.store.read(key)
 
+    def rows(self, split: str) -> list[int]:
+        """The split's sample indices in the store's row order (recording that order if this is the first use)."""
+        if split not in self._rows:
+            self._rows[split] = prepare_ids(self.store, self.data.split(split), self.cfg.extract.skip_bad)
+        return self._rows[split]
+
     def samples(self, split: str) -> list:
         """The split's samples in the store's row order (recording that order if this is the first use)."""
         sp = self.data.split(split)
-        if split not in self._rows:
-            self._rows[split] = prepare_ids(self.store, sp, self.cfg.extract.skip_bad)
-        return [sp.samples[i] for i in self._rows[split]]
+        return [sp.samples[i] for i in self.rows(split)]
 
     def fingerprint(self, splits: Sequence[str] = ("train", "val"), **parts: object) -> str:
         """Digest of what any artefact trained on ``splits`` depends on (each modality's features and the
@@ -279,10 +372,34 @@ class Experiment:
         return r.best_score
 
 
-def _default_tokenizer(ddit_source: str) -> str:
-    """Our own models keep ``tokenizer.json`` next to the weights; SEDD/MDLM use GPT-2's tokenizer."""
-    p = Path(ddit_source)
-    return str(p / "tokenizer.json") if (p / "tokenizer.json").exists() else "gpt2"
+def family_options(model: ImageModelOptions | TextModelOptions, modality: str, family: str) -> dict:
+    """The options of a model section that ``family``'s loader takes (unset ones left to its defaults); an option
+    set away from its default that the family does not take is a one-line error, never silently ignored."""
+    accepted = loader_options(family)
+    out = {}
+    for f in fields(model):
+        if f.name in SOURCE_FIELDS:
+            continue
+        value = getattr(model, f.name)
+        if f.name in accepted:
+            if value is not None:
+                out[f.name] = value
+        elif f.name not in PIPELINE_FIELDS and value != f.default:
+            takers = [n for n in families(modality) if f.name in loader_options(n)]
+            raise ConfigError(
+                f"{modality}.{f.name}", f"the {family} backbone takes no {f.name} (it is for {', '.join(takers)})"
+            )
+    return out
+
+
+def _recorded_channels(path: Path, fingerprint: str) -> dict[int, list[int]]:
+    """The massive channels ``path`` holds for this calibration (none when it holds another)."""
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    if record.get("fingerprint") != fingerprint:
+        return {}
+    return {int(b): c for b, c in record["channels"].items()}
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -291,7 +408,7 @@ def step_extract(exp: Experiment) -> None:
     ex = exp.cfg.extract
     for m in exp.modalities:
         blocks, steps = (ex.image_blocks, ex.image_timesteps) if m == "image" else (ex.text_blocks, ex.text_timesteps)
-        exp.ensure(m, blocks, steps, exp.cfg.data.splits)
+        exp.ensure(m, blocks, exp.times(m, steps, f"extract.{m}_timesteps"), exp.cfg.data.splits)
 
 
 def extract_grid(exp: Experiment) -> None:
@@ -374,7 +491,7 @@ def _resolved_starts(exp: Experiment, grids: dict[str, tuple[list[int], list[int
             depth = exp.depth(m)
             if not -depth <= given[0] < depth:
                 raise ConfigError(f"search.{m}_start", f"block {given[0]} is outside the model's {depth} blocks")
-            starts[f"{m}_start"] = [given[0] % depth, given[1]]
+            starts[f"{m}_start"] = [given[0] % depth, exp.times(m, given[1:], f"search.{m}_start")[0]]
         else:
             starts[f"{m}_start"] = None
     return replace(s, **starts)
@@ -452,41 +569,37 @@ def random_init_features(exp: Experiment, modality: str, cell: Cell, split: str)
     """The same architecture with random weights (PyTorch default init everywhere, seeded), same cell.
 
     DiT's and DDiT's own inits zero every adaLN gate, which would make all blocks the identity; the default init
-    keeps them active, so this measures what the architecture alone gives, not what training added.
+    keeps them active, so this measures what the architecture alone gives, not what training added. The twin
+    is read exactly as the trained model (same VAE or tokenizer, conditioning, massive channels suppressed).
     """
-    from difffeat.features.jobs import extract_image_split, extract_text_split
-
     name = f"{exp.model_name(modality)}-random-init"
     key = exp.key(modality, cell, split, model=name)
     if not exp.store.has(key):
-        trained = exp.image_extractor if modality == "image" else exp.text_extractor
-        ex = _random_twin(trained, modality, exp.cfg.extract.seed, exp.device)
-        extract = extract_image_split if modality == "image" else extract_text_split
-        model_cfg = exp.cfg.image if modality == "image" else exp.cfg.text
-        extract(
-            exp.store, ex, exp.data.split(split), name, model_cfg, exp.cfg.extract, [cell[0]], [cell[1]],
-            exp.identities[modality], **exp.dist,
-        )  # fmt: skip
+        ex = _random_twin(exp.extractor(modality), exp.cfg.extract.seed)
+        if modality == "image":
+            extract_image_split(
+                exp.store, ex, exp.data.split(split), name, exp.cfg.image, exp.cfg.extract, [cell[0]], [cell[1]],
+                exp.identities["image"], exp.massive([cell[0]]), **exp.dist,
+            )  # fmt: skip
+        else:
+            extract_text_split(
+                exp.store, ex, exp.data.split(split), name, exp.cfg.text, exp.cfg.extract, [cell[0]], [cell[1]],
+                exp.identities["text"], **exp.dist,
+            )  # fmt: skip
     return exp.store.read(key)
 
 
-def _random_twin(trained, modality: str, seed: int, device: torch.device):
-    """An extractor like ``trained`` (same VAE or tokenizer) around a freshly initialised copy of its backbone."""
-    from difffeat.features.extract import ImageFeatureExtractor, TextFeatureExtractor
-    from difffeat.models.ddit import DDiT
-    from difffeat.models.dit import DiT
-
+def _random_twin(trained, seed: int):
+    """An extractor like ``trained`` around a copy of its backbone whose network is freshly initialised; the VAE,
+    tokenizer and prompt encoder are shared, not copied (they are not what is being measured)."""
+    backbone = trained.backbone
+    shared = [getattr(backbone, a, None) for a in ("encoder", "tokenizer", "prompts")]
+    twin = copy.deepcopy(backbone, memo={id(obj): obj for obj in shared if obj is not None})
     torch.manual_seed(seed)
-    model = DiT(trained.dit.config) if modality == "image" else DDiT(trained.ddit.config)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d | torch.nn.Embedding):
+    for mod in twin.module.modules():
+        if hasattr(mod, "reset_parameters"):
             mod.reset_parameters()
-    model = model.eval().to(device)
-    if modality == "text":
-        return TextFeatureExtractor(model, trained.tokenizer, max_length=trained.max_length)
-    ex = ImageFeatureExtractor(model, image_size=trained.image_size)
-    ex.encoder = trained.encoder
-    return ex
+    return type(trained)(twin)
 
 
 def step_evaluate(exp: Experiment, heads: dict[str, FusionResult]) -> dict[str, dict]:

@@ -19,6 +19,7 @@ import torch
 from difffeat.analysis import clustering_scores, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
 from difffeat.heads.fusion import FusionResult
 from difffeat.run.report import render_report, write_metrics_json
+from difffeat.utils.times import as_time
 
 MULTILABEL_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "OP_top3")
 MULTILABEL_COLUMNS += ("OR_top3", "OF1_top3")
@@ -41,7 +42,7 @@ def grid_table(exp, modality: str, search: dict) -> np.ndarray:
     sweep = exp.out / f"sweep_{modality}.csv"
     if sweep.exists():
         with sweep.open() as f:
-            cells = [(int(r["block"]), int(r["t"]), float(r["val_score"])) for r in csv.DictReader(f)]
+            cells = [(int(r["block"]), as_time(r["t"]), float(r["val_score"])) for r in csv.DictReader(f)]
     else:
         cells = [(*e["key"], e["score"]) for e in search["evaluations"] if e["modality"] == modality]
     for b, t, score in cells:
@@ -135,7 +136,12 @@ CLEAR_MARGIN = 2.0  # points of mAP (or top-1) that count as a clear win over a 
 
 
 def claims(
-    results: dict, search: dict, tables: dict[str, np.ndarray], grids: dict[str, tuple[list, list]], key: str
+    results: dict,
+    search: dict,
+    tables: dict[str, np.ndarray],
+    grids: dict[str, tuple[list, list]],
+    key: str,
+    noisiest: dict[str, float] | None = None,
 ) -> dict[str, bool | None]:
     """The properties of a working Diff-Feat run, measured on this run (None where the run cannot tell).
 
@@ -143,7 +149,8 @@ def claims(
     * the trained image backbone beats a pixel probe and the same architecture at random initialisation by at
       least ``CLEAR_MARGIN`` (comparing image features, not the fused head, so the text cannot carry it), and the
       trained text backbone beats its random initialisation likewise;
-    * the sweep heatmaps have structure: the best image timestep is not the noisiest one of the grid, and the
+    * the sweep heatmaps have structure: the best image timestep is not the noisiest one of the grid (``noisiest``
+      per modality, by default the largest time; SiT counts the other way, t = 1 clean), and the
       best text step lies in the low-noise quarter (step <= 250 of 1000);
     * the local search gets within 0.5 of the grid optimum per modality, with at most a third of its cells.
     """
@@ -163,7 +170,7 @@ def claims(
         _, timesteps = grids[m]
         best_t = timesteps[int(np.nanargmax(table)) % table.shape[1]]
         if m == "image":
-            out["image_best_t_below_grid_max"] = best_t < max(timesteps)
+            out["image_best_t_below_grid_max"] = best_t != (noisiest or {}).get(m, max(timesteps))
         elif m == "text":
             out["text_best_step_at_low_noise"] = best_t <= 250
         if np.isfinite(table).all() and m in search.get("best_scores", {}):
@@ -197,7 +204,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         tables[m] = grid_table(exp, m, search)
         best = tuple(search["best"][m]) if m in search["best"] else None
         path = [tuple(c) for c in search["path"].get(m, [])]
-        unit = "block x DDPM t" if m == "image" else "block x noise step"
+        unit = f"block x {exp.time(m).name} t"
         heatmaps[f"{m} ({unit})"] = plot_heatmap(
             tables[m], blocks, timesteps, f"{m}: val score per (block, t)", exp.out / f"heatmap_{m}.png", best, path
         )
@@ -206,15 +213,17 @@ def build_report(exp, seconds: float | None = None) -> None:
     columns = SINGLE_LABEL_COLUMNS if exp.data.single_label else MULTILABEL_COLUMNS
     main = {k: v for k, v in results.items() if k in ("fused", "image", "text")}
     ablation = {k: v for k, v in results.items() if k not in main}
-    checks = claims(results, search, tables, grids, key)
+    noisiest = {m: (min if exp.time(m).clean == exp.time(m).high else max)(grids[m][1]) for m in grids}
+    checks = claims(results, search, tables, grids, key, noisiest)
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
     skipped = skipped_records(exp)
     curve = json.loads((exp.out / CURVE_FILE).read_text()) if (exp.out / CURVE_FILE).exists() else None
+    massive = exp.massive_record()
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
-        "chosen": {m: {"block": c[0], "t": c[1]} for m, c in cells.items()},
+        "chosen": {m: {"block": c[0], "t": c[1], "time": exp.time(m).name} for m, c in cells.items()},
         "test": results,
         "search": {k: search[k] for k in ("num_scored_unimodal", "num_scored_pair", "num_evaluations_unimodal",
                                           "num_evaluations", "num_evaluations_pair",
@@ -226,6 +235,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "skipped": {s: len(exp.store.skipped(s)) for s in ("train", "val", "test")},
         "skipped_records": skipped,
         "label_efficiency": curve,
+        "massive": massive,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -234,6 +244,10 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
     if note := _still_improving_note(late):
         notes.append(note)
+    if massive:
+        notes += [
+            f"Massive activations ({massive['mode']}), block {b}: channels {c}" for b, c in massive["channels"].items()
+        ]
     if skipped:
         notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
     notes += _curve_notes(curve or {})
