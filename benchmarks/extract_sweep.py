@@ -17,10 +17,11 @@ space, no VAE), ``B`` and ``XL`` (DiT-B/2 and DiT-XL/2 sized, random weights, wi
 is the last one: it cannot).
 
 Run: ``python benchmarks/extract_sweep.py --model demo|B|XL --grid early|last [--images N] [--batch N]
-[--ensemble E] [--bf16] [--fuse] [--naive-pairs N] [--vae-layouts]``. Every naive pair costs the same (the full
-encode and the full forward, whatever the block), so ``--naive-pairs N`` times N of them and extrapolates to the
-grid; the output says so. ``--vae-layouts`` instead times the VAE encoder alone, default vs channels-last memory
-format, at a few batch sizes, interleaved.
+[--ensemble E] [--bf16] [--fuse] [--naive-pairs N] [--repeats R] [--threads N] [--vae-layouts]``. Every naive
+pair costs the same (the full encode and the full forward, whatever the block), so ``--naive-pairs N`` times N of
+them and extrapolates to the grid; the output says so. ``--repeats R`` runs the three sides in turn R times and
+keeps each side's fastest round (a neighbour's load spike then hits one round, not one side). ``--vae-layouts``
+instead times the VAE encoder alone, default vs channels-last memory format, at a few batch sizes, interleaved.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def diffusers_twin(dit: DiT) -> DiTTransformer2DModel:
         num_embeds_ada_norm=c.num_classes, norm_eps=1e-5,
     )  # fmt: skip
     twin.load_state_dict(dit_to_diffusers_state_dict(dit.state_dict(), c.depth), strict=True)
+    # diffusers recomputes the fixed sin-cos position embedding; a checkpoint may hold it rounded (the demo DiT's
+    # is float16, 2.4e-4 off), and the same weights means that one on both sides.
+    twin.pos_embed.pos_embed.copy_(dit.pos_embed)
     return twin.eval().requires_grad_(False)
 
 
@@ -248,6 +252,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the DiT on every side")
     parser.add_argument("--fuse", action="store_true", help="difffeat: all timesteps in one forward")
     parser.add_argument("--naive-pairs", type=int, default=None, help="time only N naive pairs, extrapolate")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds (sides take turns); fastest round kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--vae-layouts", action="store_true", help="only time the VAE alone in both layouts")
     args = parser.parse_args()
@@ -282,32 +287,47 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "batch": 2})
     ours(extractor, images[:2], keys[:2], blocks, timesteps[:1], warm, Stopwatch())
     peer(hooked, encode, images[:2], keys[:2], blocks, timesteps[:1], warm, Stopwatch())
-    clocks = {side: Stopwatch() for side in ("difffeat", "peer", "naive")}
-    start = time.perf_counter()
-    mine = ours(extractor, images, keys, blocks, timesteps, args, clocks["difffeat"])
-    ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    theirs = peer(hooked, encode, images, keys, blocks, timesteps, args, clocks["peer"])
-    peer_s = time.perf_counter() - start
-    worst_peer = max(relative_difference(mine[bt], theirs[bt]) for bt in pairs)
-
     measured = pairs[: args.naive_pairs] if args.naive_pairs else pairs
-    naive_s, worst_naive = 0.0, 0.0
+    feats: dict[str, dict] = {}
+    best: dict[str, tuple[float, Stopwatch]] = {}
+    for _ in range(args.repeats):  # the sides take turns; each keeps its fastest round
+        for side, seconds, clock, out in one_round(args, extractor, hooked, encode, images, keys, blocks, measured):
+            if side not in best or seconds < best[side][0]:
+                best[side] = (seconds, clock)
+            feats[side] = out
+    worst_peer = max(relative_difference(feats["difffeat"][bt], feats["peer"][bt]) for bt in pairs)
+    worst_naive = max(
+        relative_difference(feats[side][bt], feats["naive"][bt]) for side in ("difffeat", "peer") for bt in measured
+    )
+    report(args, pairs, measured, best, worst_peer, worst_naive, feats["difffeat"])
+
+
+def one_round(args, extractor, hooked, encode, images, keys, blocks, measured) -> Iterator[tuple]:
+    """(side, seconds, stage clock, features) for difffeat, the peer and the naive pairs, in that order."""
+    clock = Stopwatch()
+    start = time.perf_counter()
+    out = ours(extractor, images, keys, blocks, TIMESTEPS, args, clock)
+    yield "difffeat", time.perf_counter() - start, clock, out
+    clock = Stopwatch()
+    start = time.perf_counter()
+    out = peer(hooked, encode, images, keys, blocks, TIMESTEPS, args, clock)
+    yield "peer", time.perf_counter() - start, clock, out
+    clock, out = Stopwatch(), {}
+    start = time.perf_counter()
     for b, t in measured:
-        start = time.perf_counter()
-        ref = naive_pair(hooked, encode, images, keys, b, t, args, clocks["naive"])
-        naive_s += time.perf_counter() - start
-        worst_naive = max(worst_naive, relative_difference(theirs[(b, t)], ref), relative_difference(mine[(b, t)], ref))
-    naive_total = naive_s * len(pairs) / len(measured)
-    report(args, pairs, measured, clocks, ours_s, peer_s, naive_total, worst_peer, worst_naive, mine)
+        out[(b, t)] = naive_pair(hooked, encode, images, keys, b, t, args, clock)
+    yield "naive", time.perf_counter() - start, clock, out
 
 
-def report(args, pairs, measured, clocks, ours_s, peer_s, naive_total, worst_peer, worst_naive, mine) -> None:
+def report(args, pairs, measured, best, worst_peer, worst_naive, mine) -> None:
     tol = 2e-2 if args.bf16 else 1e-4
     note = f" (measured {len(measured)} of {len(pairs)} pairs, extrapolated)" if len(measured) < len(pairs) else ""
-    per = {side: clock.seconds for side, clock in clocks.items()}
+    per = {side: clock.seconds for side, (_, clock) in best.items()}
+    ours_s, peer_s = best["difffeat"][0], best["peer"][0]
+    naive_total = best["naive"][0] * len(pairs) / len(measured)
     n_t = len(TIMESTEPS)
-    print(f"naive (encode + full forward per pair):        {naive_total:7.1f} s{note}")
+    rounds = f", best of {args.repeats} rounds" if args.repeats > 1 else ""
+    print(f"naive (encode + full forward per pair):        {naive_total:7.1f} s{note}{rounds}")
     print(f"    per pair: encode {per['naive']['encode'] / len(measured):.1f} s, "
           f"DiT {per['naive']['dit'] / len(measured):.1f} s")  # fmt: skip
     print(f"peer (encode once, full hooked forward per t):  {peer_s:7.1f} s")
