@@ -186,15 +186,18 @@ def peer(hooked: HookedTwin, encode: Encode, images, keys, blocks, timesteps, ar
     return {bt: torch.cat(p) for bt, p in parts.items()}
 
 
-def ours(extractor: ImageFeatureExtractor, images, keys, blocks, timesteps, args, clock: Stopwatch) -> dict:
-    """difffeat: latents once (as the latent cache does), then one truncated forward per timestep and batch."""
+def ours(
+    extractor: ImageFeatureExtractor, images, keys, blocks, timesteps, args, clock: Stopwatch, fuse: bool = False
+) -> dict:
+    """difffeat: latents once (as the latent cache does), then one truncated forward per timestep and batch
+    (``fuse``: one per batch, every timestep and draw stacked)."""
     parts: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
     for sl in batches(len(images), args.batch):
         with clock("encode"):
             x0 = extractor.encode(images[sl], ids=keys[sl], seed=SEED)
         with clock("dit"):
             feats = extractor(latents=x0, blocks=blocks, timesteps=timesteps, seed=SEED, ids=keys[sl],
-                              ensemble=args.ensemble, bf16=args.bf16, fuse_timesteps=args.fuse)  # fmt: skip
+                              ensemble=args.ensemble, bf16=args.bf16, fuse_timesteps=fuse)  # fmt: skip
         for bt, f in feats.items():
             parts[bt].append(f)
     return {bt: torch.cat(p) for bt, p in parts.items()}
@@ -250,7 +253,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="default: 64 (demo), 4 (B, XL)")
     parser.add_argument("--ensemble", type=int, default=1, help="noise draws averaged per (block, t)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the DiT on every side")
-    parser.add_argument("--fuse", action="store_true", help="difffeat: all timesteps in one forward")
+    parser.add_argument("--fuse", action="store_true", help="also difffeat with all timesteps in one forward")
     parser.add_argument("--naive-pairs", type=int, default=None, help="time only N naive pairs, extrapolate")
     parser.add_argument("--repeats", type=int, default=1, help="rounds (sides take turns); fastest round kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -295,7 +298,8 @@ def main() -> None:
             if side not in best or seconds < best[side][0]:
                 best[side] = (seconds, clock)
             feats[side] = out
-    worst_peer = max(relative_difference(feats["difffeat"][bt], feats["peer"][bt]) for bt in pairs)
+    sides = [s for s in ("difffeat", "fused") if s in feats]
+    worst_peer = max(relative_difference(feats[s][bt], feats["peer"][bt]) for s in sides for bt in pairs)
     worst_naive = max(
         relative_difference(feats[side][bt], feats["naive"][bt]) for side in ("difffeat", "peer") for bt in measured
     )
@@ -308,6 +312,11 @@ def one_round(args, extractor, hooked, encode, images, keys, blocks, measured) -
     start = time.perf_counter()
     out = ours(extractor, images, keys, blocks, TIMESTEPS, args, clock)
     yield "difffeat", time.perf_counter() - start, clock, out
+    if args.fuse:
+        clock = Stopwatch()
+        start = time.perf_counter()
+        out = ours(extractor, images, keys, blocks, TIMESTEPS, args, clock, fuse=True)
+        yield "fused", time.perf_counter() - start, clock, out
     clock = Stopwatch()
     start = time.perf_counter()
     out = peer(hooked, encode, images, keys, blocks, TIMESTEPS, args, clock)
@@ -332,8 +341,12 @@ def report(args, pairs, measured, best, worst_peer, worst_naive, mine) -> None:
           f"DiT {per['naive']['dit'] / len(measured):.1f} s")  # fmt: skip
     print(f"peer (encode once, full hooked forward per t):  {peer_s:7.1f} s")
     print(f"    encode {per['peer']['encode']:.1f} s, DiT {per['peer']['dit']:.1f} s for {n_t} timesteps")
-    print(f"difffeat (encode once, truncated forward per t{', fused' if args.fuse else ''}): {ours_s:7.1f} s")
+    print(f"difffeat (encode once, truncated forward per t): {ours_s:7.1f} s")
     print(f"    encode {per['difffeat']['encode']:.1f} s, DiT {per['difffeat']['dit']:.1f} s for {n_t} timesteps")
+    if "fused" in best:
+        fused_dit = per["fused"]["dit"]
+        print(f"difffeat fused (every t in one forward): {best['fused'][0]:7.1f} s; DiT {fused_dit:.1f} s, "
+              f"unfused / fused DiT time {per['difffeat']['dit'] / fused_dit:.2f}x")  # fmt: skip
     write_s = store_write_seconds(mine)
     print(f"    writing these features to a store (float16 shards): {write_s:.3f} s = {write_s / ours_s:.1%} "
           "of difffeat's time (jobs write from a background thread)")  # fmt: skip
