@@ -226,15 +226,17 @@ def vae_layouts(vae: AutoencoderKL, images: np.ndarray, size: int, sizes: list[i
         x = pixels[:bs]
         best = {"default": float("inf"), "channels-last": float("inf")}
         sides = (("default", plain, x), ("channels-last", last, x.contiguous(memory_format=torch.channels_last)))
+        means: dict[str, torch.Tensor] = {}
         for counted in [False] + [True] * rounds:  # the first round warms up both layouts
             for name, model, inp in sides:
                 start = time.perf_counter()
-                model.encode(inp)
+                means[name] = model.encode(inp).latent_dist.mean
                 if counted:
                     best[name] = min(best[name], (time.perf_counter() - start) / bs)
+        diff = relative_difference(means["channels-last"], means["default"])
         print(f"  VAE encode, batch {bs:2d}: default {best['default']:.2f} s/img, channels-last "
-              f"{best['channels-last']:.2f} s/img: channels-last {best['default'] / best['channels-last']:.2f}x "
-              f"(load {os.getloadavg()[0]:.2f})")  # fmt: skip
+              f"{best['channels-last']:.2f} s/img: channels-last {best['default'] / best['channels-last']:.2f}x, "
+              f"latents differ by {diff:.1e} (load {os.getloadavg()[0]:.2f})")  # fmt: skip
 
 
 def build(model: str) -> tuple[DiT, AutoencoderKL | None, int]:
