@@ -72,8 +72,9 @@ class LatentEncoder:
     """``latent_dist.sample() * scale`` with the posterior noise drawn per sample from (seed, id), so a sample's
     latent is the same in any batch; ``sample=False`` takes the posterior mean instead.
 
-    The VAE runs in channels-last memory format: its convolutions are faster that way with oneDNN and cuDNN
-    (1.14-1.18x for the SD-VAE encoder on the idle 2-core CPU, side by side), with the same results to ~1e-5.
+    The VAE runs in channels-last memory format, the layout oneDNN's and cuDNN's convolutions prefer: on the CPUs
+    measured it is as fast as the default layout or faster, with the same latents up to float rounding
+    (``benchmarks/extract_sweep.py --vae-layouts``, figures in benchmarks/README.md).
     """
 
     def __init__(self, vae, scaling_factor: float | None = None, sample: bool = True):
