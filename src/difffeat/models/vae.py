@@ -75,8 +75,9 @@ class LatentEncoder:
     ``scale`` are the VAE config's ``shift_factor`` (SD3 / FLUX latents are centred, as their img2img pipelines
     encode; none for the SD-VAE) and ``scaling_factor``.
 
-    The VAE runs in channels-last memory format: oneDNN and cuDNN pick faster convolution kernels for it
-    (``benchmarks/README.md``, section 1), and the results are the same up to float rounding.
+    The VAE runs in channels-last memory format, the layout oneDNN's and cuDNN's convolutions prefer: on the CPUs
+    measured it is as fast as the default layout or faster, with the same latents up to float rounding
+    (``benchmarks/extract_sweep.py --vae-layouts``, figures in benchmarks/README.md).
     """
 
     def __init__(self, vae, scaling_factor: float | None = None, sample: bool = True):
