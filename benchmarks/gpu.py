@@ -114,7 +114,7 @@ SMOKE = Sizes(
     workers=(2,), grid_blocks=(0, 1, 2, 3), e2e_batch=4, ddit=DDiTConfig(vocab_size=1000, hidden_size=64, cond_dim=32,
     n_heads=4, n_blocks=2, length=32), text_length=32, text_batches=(4,), matmul_n=256, min_seconds=0.0,
     compile_backend="eager",
-    boxes={"tests": 120, "dit": 60, "input": 30, "vae": 30, "e2e": 90, "ddit": 30, "compile": 30}, budget=400,
+    boxes={"tests": 240, "dit": 120, "input": 60, "vae": 60, "e2e": 180, "ddit": 60, "compile": 60}, budget=560,
     tests=("tests/test_cuda.py", "-k", "pinned_round_trip"),
 )  # fmt: skip
 

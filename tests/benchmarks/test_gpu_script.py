@@ -24,7 +24,7 @@ import gpu  # noqa: E402  (benchmarks/ is no package)
 def test_smoke_run_fills_every_section(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     sections = results["sections"]
