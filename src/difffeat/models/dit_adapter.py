@@ -113,7 +113,12 @@ class DiTAdapter(BlocksAdapter):
     def forward_intermediates(
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
     ) -> dict[int, torch.Tensor]:
-        return self.module.forward_intermediates(x, t, cond["y"], blocks)
+        """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
+        return self.module.forward_intermediates(x, self._module_time(t, x), cond.get("y"), blocks)
+
+    def _module_time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``t`` as the network reads it: for a DiT the DDPM index itself (SiT overrides this)."""
+        return t
 
 
 def resolve_vae(vae: Any, source: str, channels: int, *, family: str = "DiT", pipeline: bool = True) -> Any:

@@ -127,16 +127,8 @@ class SiTBackbone(DiTAdapter):
         """The flow time itself: SiT's training loss calls ``model(x_t, t)`` with t in [0, 1]."""
         return torch.full((n,), float(self.time.check(t)), device=self.device)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        blocks: Sequence[int],
-        mask: torch.Tensor | None = None,
-        **cond: Any,
-    ) -> dict[int, torch.Tensor]:
-        """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
-        return self.module.forward_intermediates(x, _flow_time(t, x), cond.get("y"), blocks)
+    def _module_time(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        return _flow_time(t, x)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | int | None = None) -> torch.Tensor:
         """The official ``SiT.forward``: the full output, its first ``in_channels`` channels when learn_sigma."""
