@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -693,25 +693,17 @@ def _to_split(name: str, scenes: list[DemoScene], size: int) -> Split:
     return Split(name, samples)
 
 
-def make_demo_dataset(
-    n_train: int = 5000,
-    n_val: int = 1000,
-    n_test: int = 1000,
-    image_size: int = 32,
-    seed: int = 0,
-    *,
-    wrong_mention_rate: float = 0.05,
-    typo_rate: float = 0.05,
-    world: int = 1,
-) -> Dataset:
+def make_demo_dataset(*args: Any, **kwargs: Any) -> Dataset:
     """Generate the "demo" dataset: 13 classes (ten digits, three shapes), 1-4 objects per image, 1-3 captions.
 
     Images are ``[image_size, image_size, 3]`` uint8 arrays in ``Sample.image``; ``notes`` counts objects,
     captions and wrong mentions. ``wrong_mention_rate`` is the share of captions that name one absent class,
     ``typo_rate`` the share with one misspelt word; ``world`` 2 names classes in more surface forms and keeps one
-    per class out of train and val (see the module docstring). Use :func:`demo_dataset` to cache the result.
+    per class out of train and val (see the module docstring). The arguments are :class:`DemoParams`' fields,
+    whose defaults are the only ones, so a generated and a cached dataset cannot disagree on them. Use
+    :func:`demo_dataset` to cache the result.
     """
-    return _generate(DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate, world))
+    return _generate(DemoParams(*args, **kwargs))
 
 
 def _generate(params: DemoParams) -> Dataset:
@@ -819,22 +811,11 @@ def _read_saved(folder: Path, meta: dict) -> Dataset:
     return Dataset(meta["name"], classes, splits, single_label=False, notes=meta["notes"])
 
 
-def demo_dataset(
-    cache_dir: str | Path | None = None,
-    n_train: int = 5000,
-    n_val: int = 1000,
-    n_test: int = 1000,
-    image_size: int = 32,
-    seed: int = 0,
-    *,
-    wrong_mention_rate: float = 0.05,
-    typo_rate: float = 0.05,
-    world: int = 1,
-) -> Dataset:
+def demo_dataset(cache_dir: str | Path | None = None, *args: Any, **kwargs: Any) -> Dataset:
     """:func:`make_demo_dataset` with these arguments, read from ``cache_dir`` when a cache there was made with
     the same arguments (and generator version) and is intact; otherwise generated and, if ``cache_dir``, saved
     there (replacing what was there). Without ``cache_dir`` nothing is written."""
-    params = DemoParams(n_train, n_val, n_test, image_size, seed, wrong_mention_rate, typo_rate, world)
+    params = DemoParams(*args, **kwargs)
     if cache_dir is not None:
         meta = _read_meta(Path(cache_dir))
         if meta is not None and meta.get("params") == asdict(params):

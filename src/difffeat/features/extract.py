@@ -92,24 +92,39 @@ def _pool(tokens: torch.Tensor, mask: torch.Tensor | None, pool: str) -> torch.T
     return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
 
 
-def _check(pool: str, pools: tuple[str, ...], ensemble: int) -> None:
-    if pool not in pools:
-        raise ValueError(f"pool {pool!r} is not one of {pools}")
-    if ensemble < 1:
-        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+def _adapter_attribute(name: str, doc: str | None = None, settable: bool = False) -> property:
+    """The adapter's attribute ``name`` seen through the extractor (what the jobs and the pipeline read)."""
+
+    def get(self: _Extractor) -> Any:
+        return getattr(self.backbone, name)
+
+    def set_(self: _Extractor, value: Any) -> None:
+        setattr(self.backbone, name, value)
+
+    return property(get, set_ if settable else None, doc=doc)
 
 
 @dataclass(frozen=True)
 class _Run:
-    """How one call reads its features (the same for every forward of the call)."""
+    """How one call reads its features (the same for every forward of the call): the keyword options both
+    extractors take besides what they read, with their only defaults. ``massive`` (a
+    ``models.massive.MassiveChannels``) suppresses each block's massive-activation channels before token
+    normalisation and pooling."""
 
-    pool: str
-    token_norm: bool
-    seed: int
-    ensemble: int
-    bf16: bool
-    fuse_timesteps: bool
+    pool: str = "mean"
+    token_norm: bool = False
+    seed: int = 0
+    ensemble: int = 1
+    bf16: bool = False
+    fuse_timesteps: bool = False
     massive: MassiveChannels | None = None
+
+    def check(self, pools: tuple[str, ...]) -> _Run:
+        if self.pool not in pools:
+            raise ValueError(f"pool {self.pool!r} is not one of {pools}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
+        return self
 
 
 class _Extractor:
@@ -121,13 +136,8 @@ class _Extractor:
         if compile:
             backbone.compile_blocks()
 
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.device
-
-    @property
-    def depth(self) -> int:
-        return self.backbone.depth
+    device = _adapter_attribute("device")
+    depth = _adapter_attribute("depth")
 
     def _request(self, blocks: Sequence[int], timesteps: Sequence[float]) -> tuple[list[int], list[float]]:
         """Blocks as sorted 0-based indices, times checked in the backbone's own convention."""
@@ -183,8 +193,8 @@ class ImageFeatureExtractor(_Extractor):
     ``backbone`` is an image adapter (``models.base.ImageBackbone``) or a bare model its registered family wraps;
     for a bare model, ``vae`` is a diffusers ``AutoencoderKL`` (latent models) or None (pixel-space models: the
     image itself, in [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the blocks in
-    ``torch.compile``. A call's ``massive`` (``models.massive.MassiveChannels``) suppresses each block's
-    massive-activation channels before token normalisation and pooling.
+    ``torch.compile``. A call's ``run`` options (``pool``, ``token_norm``, ``seed``, ``ensemble``, ``bf16``,
+    ``fuse_timesteps``, ``massive``) are ``_Run``'s fields, shared with the text extractor.
     """
 
     def __init__(
@@ -199,23 +209,11 @@ class ImageFeatureExtractor(_Extractor):
             backbone = adapt(backbone, vae=vae, image_size=image_size, sample_posterior=sample_posterior)
         super().__init__(backbone, compile)
 
-    @property
-    def dit(self) -> nn.Module:
-        """The wrapped model (named for the DiT, which the pipeline and the tests read it as)."""
-        return self.backbone.module
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    @property
-    def encoder(self):
-        """The VAE encoder (``models.vae.LatentEncoder``), or None when pixels are the model input."""
-        return self.backbone.encoder
-
-    @encoder.setter
-    def encoder(self, encoder) -> None:
-        self.backbone.encoder = encoder
+    dit = _adapter_attribute("module", "The wrapped model (named for the DiT, which the pipeline reads it as).")
+    image_size = _adapter_attribute("image_size")
+    encoder = _adapter_attribute(
+        "encoder", "The VAE encoder (``models.vae.LatentEncoder``), or None when pixels are the input.", settable=True
+    )
 
     @torch.inference_mode()
     def encode(
@@ -234,27 +232,20 @@ class ImageFeatureExtractor(_Extractor):
         latents: torch.Tensor | None = None,
         blocks: Sequence[int] = (-1,),
         timesteps: Sequence[float] = (0,),
-        pool: str = "mean",
-        token_norm: bool = False,
-        seed: int = 0,
         ids: Sequence[str | int] | None = None,
-        ensemble: int = 1,
         class_label: int | None = None,
         captions: Sequence[str] | None = None,
-        massive: MassiveChannels | None = None,
-        bf16: bool = False,
-        fuse_timesteps: bool = False,
         keep_on_device: bool = False,
+        **run_options: Any,
     ) -> FeatureDict:
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images or latents=")
-        _check(pool, IMAGE_POOLS, ensemble)
+        run = _Run(**run_options).check(IMAGE_POOLS)
         blocks, times = self._request(blocks, timesteps)
-        x0 = self.encode(images, ids, seed, keep_on_device=True) if latents is None else latents
+        x0 = self.encode(images, ids, run.seed, keep_on_device=True) if latents is None else latents
         x0 = Clean(to_device(x0.float(), self.device))
         keys = _keys(ids, len(x0))
         cond = self.backbone.condition(len(x0), label=class_label, captions=captions)
-        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps, massive)
         out = self._extract(x0, keys, cond, times, blocks, run)
         return {bt: _output(f, keep_on_device) for bt, f in out.items()}
 
@@ -267,7 +258,7 @@ class TextFeatureExtractor(_Extractor):
     (t = step / 1000, sigma = -log(1 - (1 - eps) t)); step 0 is the clean caption with sigma = 0. Several
     captions per sample are reduced by ``caption_reduce``: ``"mean"`` averages the per-caption features (every
     caption counts, none is favoured), ``"first"`` keeps the first caption, ``"concat"`` joins them into one
-    sequence (truncated at the model's length).
+    sequence (truncated at the model's length). A call's ``run`` options are ``_Run``'s, as for images.
     """
 
     def __init__(
@@ -281,23 +272,10 @@ class TextFeatureExtractor(_Extractor):
             backbone = adapt(backbone, tokenizer=tokenizer, max_length=max_length)
         super().__init__(backbone, compile)
 
-    @property
-    def ddit(self) -> nn.Module:
-        """The wrapped model (named for the DDiT, which the pipeline and the tests read it as)."""
-        return self.backbone.module
-
-    @property
-    def tokenizer(self):
-        return self.backbone.tokenizer
-
-    @property
-    def max_length(self) -> int:
-        return self.backbone.max_length
-
-    @property
-    def num_truncated(self) -> int:
-        """Captions truncated so far (reported by the pipeline)."""
-        return self.backbone.num_truncated
+    ddit = _adapter_attribute("module", "The wrapped model (named for the DDiT, which the pipeline reads it as).")
+    tokenizer = _adapter_attribute("tokenizer")
+    max_length = _adapter_attribute("max_length")
+    num_truncated = _adapter_attribute("num_truncated", "Captions truncated so far (reported by the pipeline).")
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone.tokenize(texts)
@@ -326,27 +304,21 @@ class TextFeatureExtractor(_Extractor):
         *,
         blocks: Sequence[int] = (-1,),
         timesteps: Sequence[float] = (0,),
-        pool: str = "mean",
-        token_norm: bool = False,
-        seed: int = 0,
         ids: Sequence[str | int] | None = None,
-        ensemble: int = 1,
         caption_reduce: str = "mean",
-        bf16: bool = False,
-        fuse_timesteps: bool = False,
         keep_on_device: bool = False,
+        **run_options: Any,
     ) -> FeatureDict:
-        _check(pool, TEXT_POOLS, ensemble)
+        run = _Run(**run_options).check(TEXT_POOLS)
         if caption_reduce not in CAPTION_REDUCTIONS:
             raise ValueError(f"caption_reduce {caption_reduce!r} is not one of {CAPTION_REDUCTIONS}")
-        if pool == "none" and caption_reduce == "mean":
+        if run.pool == "none" and caption_reduce == "mean":
             raise ValueError('pool="none" returns tokens per caption: use caption_reduce="first" or "concat"')
         blocks, times = self._request(blocks, timesteps)
         keys = _keys(ids, len(captions))
         texts, row_keys, owner = self._texts(captions, keys, caption_reduce)
-        x0 = self.backbone.encode(texts, row_keys, seed)
+        x0 = self.backbone.encode(texts, row_keys, run.seed)
         cond = self.backbone.condition(len(texts))
-        run = _Run(pool, token_norm, seed, ensemble, bf16, fuse_timesteps)
         out = self._extract(x0, row_keys, cond, times, blocks, run)
         return {bs: _output(self._reduce(f, owner, len(keys)), keep_on_device) for bs, f in out.items()}
 

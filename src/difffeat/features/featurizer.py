@@ -33,6 +33,7 @@ DEMO_MODELS = {
 }
 
 Key = tuple[int, float]
+Captions = Sequence[str | Sequence[str]]  # one caption per sample, or several
 
 
 class Features(Mapping[Key, torch.Tensor]):
@@ -114,7 +115,17 @@ class _Featurizer:
         source = DEMO_MODELS[cls.modality] if str(source) == "demo" else source
         return load_backbone(source, cls.modality, backbone, **options).to(resolve_device(device))
 
-    def _keyed(self, feats: FeatureDict, asked: list[Key]) -> Features:
+    def _call_options(self, blocks: Sequence[int]) -> dict[str, Any]:
+        """What this featurizer adds to every extractor call besides ``bf16`` (the image side: ``massive``)."""
+        return {}
+
+    def _extract(self, inputs: Any, blocks: Sequence[int], timesteps: Sequence[float], **options: Any) -> FeatureDict:
+        return self.extractor(inputs, blocks=list(blocks), timesteps=list(timesteps), bf16=self.bf16, **options)
+
+    def _features(self, inputs: Any, blocks: Sequence[int], timesteps: Sequence[float], **options: Any) -> Features:
+        """Features keyed the way they were asked for; ``options`` are the extractor's (see the subclasses)."""
+        asked = _asked_keys(blocks, timesteps)
+        feats = self._extract(inputs, blocks, timesteps, **self._call_options(blocks), **options)
         return Features(feats, asked, self.backbone.depth, self.backbone.time)
 
 
@@ -165,29 +176,22 @@ class ImageFeaturizer(_Featurizer):
         return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16, massive=massive)
 
     def calibrate(
-        self,
-        images: Any = None,
-        *,
-        blocks: Sequence[int],
-        timesteps: Sequence[float],
-        latents: torch.Tensor | None = None,
-        k: float = 100.0,
-        seed: int = 0,
-        **condition: Any,
+        self, images: Any = None, *, blocks: Sequence[int], timesteps: Sequence[float], k: float = 100.0, **options: Any
     ) -> dict[int, list[int]]:
         """Find each asked block's massive channels on a calibration batch: those whose peak magnitude over the
         batch's tokens, at any of ``timesteps``, exceeds ``k`` times the median magnitude
-        (:func:`~difffeat.models.massive.find_massive_channels`). ``condition``: ``class_label`` / ``captions``."""
+        (:func:`~difffeat.models.massive.find_massive_channels`). ``options``: ``latents``, ``seed``,
+        ``class_label``, ``captions``, as for a call."""
         _asked_keys(blocks, timesteps)
-        tokens = self.extractor(
-            images, latents=latents, blocks=list(blocks), timesteps=list(timesteps), pool="none", seed=seed,
-            bf16=self.bf16, **condition,
-        )  # fmt: skip
+        tokens = self._extract(images, blocks, timesteps, pool="none", **options)
         found: dict[int, set[int]] = {}
         for (block, _), x in tokens.items():
             found.setdefault(block, set()).update(find_massive_channels(x, k))
         self.massive_channels.update({block: sorted(channels) for block, channels in found.items()})
         return self.massive_channels
+
+    def _call_options(self, blocks: Sequence[int]) -> dict[str, Any]:
+        return {"massive": self._suppression(blocks)}
 
     def _suppression(self, blocks: Sequence[int]) -> MassiveChannels | None:
         if self.massive == "none":
@@ -201,43 +205,16 @@ class ImageFeaturizer(_Featurizer):
         return MassiveChannels(self.massive_channels, self.massive)
 
     def __call__(
-        self,
-        images: Any = None,
-        *,
-        blocks: Sequence[int],
-        timesteps: Sequence[float],
-        latents: torch.Tensor | None = None,
-        pool: str = "mean",
-        token_norm: bool = False,
-        seed: int = 0,
-        ids: Sequence[str | int] | None = None,
-        ensemble: int = 1,
-        class_label: int | None = None,
-        captions: Sequence[str] | None = None,
+        self, images: Any = None, *, blocks: Sequence[int], timesteps: Sequence[float], **options: Any
     ) -> Features:
         """Features of ``images`` (PIL list, uint8 [N, H, W, 3], or float [N, 3, S, S] in [-1, 1]) or of
-        precomputed ``latents``, for every asked block and time (in the backbone's convention, see
-        ``layers()``). Noise is seeded per sample by ``(seed, ids[i], t)``; ``ids`` default to positions.
-        ``class_label`` conditions a class-conditional model (default: its null class); ``captions`` (one per
-        image) a text-to-image model loaded with ``condition="caption"`` (default: the cached empty prompt)."""
-        asked = _asked_keys(blocks, timesteps)
-        massive = self._suppression(blocks)
-        feats = self.extractor(
-            images,
-            latents=latents,
-            blocks=list(blocks),
-            timesteps=list(timesteps),
-            pool=pool,
-            token_norm=token_norm,
-            seed=seed,
-            ids=ids,
-            ensemble=ensemble,
-            class_label=class_label,
-            captions=captions,
-            massive=massive,
-            bf16=self.bf16,
-        )
-        return self._keyed(feats, asked)
+        precomputed ``latents=``, for every asked block and time (in the backbone's convention, see
+        ``layers()``). ``options`` are :class:`ImageFeatureExtractor`'s, which alone declares them and their
+        defaults: ``pool`` ("mean", "none"), ``token_norm``, ``seed`` and ``ids`` (noise is seeded per sample by
+        ``(seed, ids[i], t)``; ids default to positions), ``ensemble``, ``class_label`` (conditions a
+        class-conditional model; default: its null class), ``captions`` (one per image, for a text-to-image
+        model loaded with ``condition="caption"``; default: the cached empty prompt)."""
+        return self._features(images, blocks, timesteps, **options)
 
 
 class TextFeaturizer(_Featurizer):
@@ -267,31 +244,10 @@ class TextFeaturizer(_Featurizer):
         return cls(TextFeatureExtractor(adapter, compile=compile), bf16=bf16)
 
     def __call__(
-        self,
-        captions: Sequence[str | Sequence[str]],
-        *,
-        blocks: Sequence[int],
-        timesteps: Sequence[float],
-        pool: str = "mean",
-        token_norm: bool = False,
-        seed: int = 0,
-        ids: Sequence[str | int] | None = None,
-        ensemble: int = 1,
-        caption_reduce: str = "mean",
+        self, captions: Captions, *, blocks: Sequence[int], timesteps: Sequence[float], **options: Any
     ) -> Features:
-        """Features of ``captions`` (one string, or several per sample reduced by ``caption_reduce``: "mean",
-        "first" or "concat") for every asked block and noise step (see ``layers()``)."""
-        asked = _asked_keys(blocks, timesteps)
-        feats = self.extractor(
-            captions,
-            blocks=list(blocks),
-            timesteps=list(timesteps),
-            pool=pool,
-            token_norm=token_norm,
-            seed=seed,
-            ids=ids,
-            ensemble=ensemble,
-            caption_reduce=caption_reduce,
-            bf16=self.bf16,
-        )
-        return self._keyed(feats, asked)
+        """Features of ``captions`` (one string, or several per sample) for every asked block and noise step
+        (see ``layers()``). ``options`` are :class:`TextFeatureExtractor`'s, which alone declares them and their
+        defaults: ``pool`` ("mean", "last", "none"), ``token_norm``, ``seed``, ``ids``, ``ensemble``,
+        ``caption_reduce`` ("mean", "first" or "concat": how a sample's several captions become one feature)."""
+        return self._features(captions, blocks, timesteps, **options)

@@ -288,6 +288,18 @@ def read_json(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: malformed JSON ({exc})") from exc
 
 
+def save_own_folder(model: nn.Module, config: dict, architecture: str, folder: str | Path) -> Path:
+    """Write our own format, the one every loader recognises first: ``config.json`` (``architecture`` plus the
+    model's config fields) and ``model.safetensors`` (the state dict, contiguous on the CPU)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": architecture, **config}, indent=2) + "\n")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    return folder
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What a state dict is, and loading it strictly
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.models.base import MASKED, Clean, Layer, hub_id_mentions
+from difffeat.models.adapter import BlocksAdapter
+from difffeat.models.base import MASKED, Clean, hub_id_mentions
 from difffeat.models.ddit import DDiT
 from difffeat.models.ddit_load import load_ddit
 from difffeat.models.schedule import LogLinearSchedule
@@ -29,7 +30,7 @@ def default_tokenizer(source: str) -> str:
     return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "gpt2"
 
 
-class DDiTAdapter:
+class DDiTAdapter(BlocksAdapter):
     """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer. Captions longer than ``max_length``
     (at most the model's trained length) are truncated and counted in ``num_truncated``."""
 
@@ -81,21 +82,7 @@ class DDiTAdapter:
         return cls(model, tokenizer, max_length=max_length)
 
     # ---- the five questions ------------------------------------------------------------------------------------
-    @property
-    def depth(self) -> int:
-        return self.module.depth
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    def to(self, device: torch.device | str) -> DDiTAdapter:
-        self.module.to(device)
-        return self
-
-    def layers(self) -> list[Layer]:
-        return [Layer(i, f"blocks.{i}", self.module.hidden_size) for i in range(self.depth)]
-
+    # (depth, device, to, layers and compile_blocks are BlocksAdapter's)
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
         it extracts, so each caption is tokenized, and its truncation counted, once."""
@@ -130,8 +117,3 @@ class DDiTAdapter:
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
     ) -> dict[int, torch.Tensor]:
         return self.module.forward_intermediates(x, t, blocks, attention_mask=mask)
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` each block in place (one shared graph; the early-exit loop stays eager)."""
-        for block in self.module.blocks:
-            block.compile()

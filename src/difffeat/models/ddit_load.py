@@ -6,7 +6,6 @@ by :mod:`difffeat.models.checkpoints`, which never runs code from them.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from difffeat.models.checkpoints import (
     CheckpointError,
     read_json,
     read_state_dict,
+    save_own_folder,
     sniff_format,
     strict_load,
     tensors_by_name,
@@ -31,17 +31,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def save_ddit(model: DDiT, folder: str | Path) -> Path:
-    """Write our own format: ``config.json`` (``architecture: ddit`` + DDiTConfig) and ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": "ddit", **asdict(model.config)}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
-    )
-    return folder
+    """Write our own format (:func:`~difffeat.models.checkpoints.save_own_folder`, ``architecture: ddit``)."""
+    return save_own_folder(model, asdict(model.config), "ddit", folder)
 
 
 @dataclass

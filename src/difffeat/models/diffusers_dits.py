@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from difffeat.models.adapter import ModuleAdapter
 from difffeat.models.base import DDPM, Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import resolve_indices
@@ -120,7 +121,7 @@ def ddpm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class DiffusersBackbone:
+class DiffusersBackbone(ModuleAdapter):
     """A diffusers transformer with its VAE, early exit, its noise convention and its (cached) conditioning.
 
     This class is the generic adapter (registered as ``diffusers``): any diffusers transformer with a
@@ -235,18 +236,12 @@ class DiffusersBackbone:
     def depth(self) -> int:
         return len(self._blocks)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    def to(self, device: torch.device | str) -> DiffusersBackbone:
-        self.module.to(device)
+    def _move_companions(self, device: torch.device | str) -> None:
         if self.encoder is not None:
             self.encoder.vae.to(device)
         if self.prompts is not None:
             self.prompts.pipeline.to(device)
         self.null_condition = {k: v.to(device) for k, v in self.null_condition.items()}
-        return self
 
     def layers(self) -> list[Layer]:
         width = _inner_dim(self.module)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.models.base import DDPM, Clean, Layer, hub_id_mentions
+from difffeat.models.adapter import BlocksAdapter
+from difffeat.models.base import DDPM, Clean, hub_id_mentions
 from difffeat.models.dit import DiT
 from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import DDPMSchedule, per_sample_randn
@@ -31,7 +32,7 @@ def _vae_downsampling(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-class DiTAdapter:
+class DiTAdapter(BlocksAdapter):
     """A loaded :class:`~difffeat.models.dit.DiT` with its VAE (None for pixel-space DiTs, whose ``x0`` is the
     image in [-1, 1] at the model's input size)."""
 
@@ -85,29 +86,14 @@ class DiTAdapter:
         """``vae``: a diffusers ``AutoencoderKL`` (module, folder or hub id); by default the pipeline's own
         ``vae/`` for a diffusers pipeline folder or hub id, none for a pixel-space DiT (3 input channels)."""
         model = load_dit(source, numerics=numerics)
-        if isinstance(vae, str | Path):
-            vae = load_vae(vae)
-        elif vae is None and model.config.in_channels != 3:
-            vae = _pipeline_vae(source, model.config.in_channels)
+        vae = resolve_vae(vae, source, model.config.in_channels)
         return cls(model, vae, image_size=image_size, sample_posterior=sample_posterior)
 
     # ---- the five questions ------------------------------------------------------------------------------------
-    @property
-    def depth(self) -> int:
-        return self.module.depth
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    def to(self, device: torch.device | str) -> DiTAdapter:
-        self.module.to(device)
+    # (depth, device, to, layers and compile_blocks are BlocksAdapter's)
+    def _move_companions(self, device: torch.device | str) -> None:
         if self.encoder is not None:
             self.encoder.vae.to(device)
-        return self
-
-    def layers(self) -> list[Layer]:
-        return [Layer(i, f"blocks.{i}", self.module.hidden_size) for i in range(self.depth)]
 
     def encode(self, inputs: Any, keys: Sequence[str | int], seed: int) -> Clean:
         """Images (PIL list / uint8 / float in [-1, 1]) -> VAE latents ``latent_dist.sample() * scale`` with
@@ -137,23 +123,28 @@ class DiTAdapter:
     def forward_intermediates(
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
     ) -> dict[int, torch.Tensor]:
-        return self.module.forward_intermediates(x, t, cond["y"], blocks)
+        """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
+        return self.module.forward_intermediates(x, self._module_time(t, x), cond.get("y"), blocks)
 
-    def compile_blocks(self) -> None:
-        """``torch.compile`` each block in place: they share one code object, so one graph serves them all, and
-        the early-exit loop stays eager (nothing recompiles when another block is the deepest asked for)."""
-        for block in self.module.blocks:
-            block.compile()
+    def _module_time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``t`` as the network reads it: for a DiT the DDPM index itself (SiT overrides this)."""
+        return t
 
 
-def _pipeline_vae(source: str, channels: int) -> Any:
-    """The ``vae/`` of a diffusers pipeline (folder or hub id), or an error saying a latent DiT needs one."""
+def resolve_vae(vae: Any, source: str, channels: int, *, family: str = "DiT", pipeline: bool = True) -> Any:
+    """The VAE of a DiT-like model read from ``source`` with ``channels`` input channels: ``vae`` itself, loaded
+    when it names a folder or hub id; else none for a pixel-space model (3 channels); else, with ``pipeline``,
+    the ``vae/`` of a diffusers pipeline folder or hub id; else an error saying a latent model needs one."""
+    if isinstance(vae, str | Path):
+        return load_vae(vae)
+    if vae is not None or channels == 3:
+        return vae
     path = Path(source)
-    if (path / "vae" / "config.json").is_file():
+    if pipeline and (path / "vae" / "config.json").is_file():
         return load_vae(path)
-    if not path.exists() and hub_id_mentions(source, ""):
+    if pipeline and not path.exists() and hub_id_mentions(source, ""):
         return load_vae(source, subfolder="vae")
     raise ValueError(
-        f"{source}: this DiT reads {channels}-channel latents, so it needs its VAE: pass vae= (a diffusers "
+        f"{source}: this {family} reads {channels}-channel latents, so it needs its VAE: pass vae= (a diffusers "
         "AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
     )

@@ -8,7 +8,6 @@ never runs code from them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from difffeat.models.checkpoints import (
     CheckpointError,
     read_json,
     read_state_dict,
+    save_own_folder,
     sniff_format,
     strict_load,
     tensors_by_name,
@@ -231,14 +231,8 @@ class _Checkpoint:
 
 
 def save_dit(model: DiT, folder: str | Path) -> Path:
-    """Write our format: ``config.json`` (the config plus ``"architecture": "dit"``) and ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"architecture": "dit", **asdict(model.config)}, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    return folder
+    """Write our format (:func:`~difffeat.models.checkpoints.save_own_folder`, ``architecture: dit``)."""
+    return save_own_folder(model, asdict(model.config), "dit", folder)
 
 
 def load_dit(

@@ -30,10 +30,9 @@ from torch import nn
 
 from difffeat.models.base import Clean, TimeConvention, hub_id_mentions
 from difffeat.models.dit import DiT, DiTConfig
-from difffeat.models.dit_adapter import DiTAdapter
+from difffeat.models.dit_adapter import DiTAdapter, resolve_vae
 from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import per_sample_randn
-from difffeat.models.vae import load_vae
 
 SIT_FLOW = TimeConvention(
     "sit-flow", 0.0, 1.0, 1.0, False,
@@ -101,20 +100,14 @@ class SiTBackbone(DiTAdapter):
         *,
         vae: str | nn.Module | None = None,
         path: str = "linear",
-        image_size: int | None = None,
-        sample_posterior: bool = True,
+        **options: Any,
     ) -> SiTBackbone:
         """An official SiT checkpoint (see :func:`load_sit`) with its SD-VAE (``vae=``: a diffusers
-        ``AutoencoderKL`` module, folder or hub id such as ``stabilityai/sd-vae-ft-ema``)."""
+        ``AutoencoderKL`` module, folder or hub id such as ``stabilityai/sd-vae-ft-ema``; no checkpoint file
+        carries one). ``options``: ``image_size``, ``sample_posterior`` as for a DiT."""
         model = load_sit(source, path=path).module
-        if isinstance(vae, str | Path):
-            vae = load_vae(vae)
-        elif vae is None and model.config.in_channels != 3:
-            raise ValueError(
-                f"{source}: this SiT reads {model.config.in_channels}-channel latents, so it needs its VAE: pass "
-                "vae= (a diffusers AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
-            )
-        return cls(model, vae, path=path, image_size=image_size, sample_posterior=sample_posterior)
+        vae = resolve_vae(vae, source, model.config.in_channels, family="SiT", pipeline=False)
+        return cls(model, vae, path=path, **options)
 
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """``x_t = alpha_t x0 + sigma_t eps`` with eps drawn per sample from (seed, key, t, draw)."""
@@ -134,16 +127,8 @@ class SiTBackbone(DiTAdapter):
         """The flow time itself: SiT's training loss calls ``model(x_t, t)`` with t in [0, 1]."""
         return torch.full((n,), float(self.time.check(t)), device=self.device)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        blocks: Sequence[int],
-        mask: torch.Tensor | None = None,
-        **cond: Any,
-    ) -> dict[int, torch.Tensor]:
-        """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
-        return self.module.forward_intermediates(x, _flow_time(t, x), cond.get("y"), blocks)
+    def _module_time(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        return _flow_time(t, x)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | int | None = None) -> torch.Tensor:
         """The official ``SiT.forward``: the full output, its first ``in_channels`` channels when learn_sigma."""

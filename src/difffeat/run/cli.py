@@ -172,12 +172,13 @@ def options() -> None:
         typer.echo(f"{path}: {describe(field, tp)}")
 
 
+# The zoo trainers' shared options, declared once.
+_CheckpointFolder = Annotated[str, typer.Option(help="checkpoint folder")]
+_TrainSteps = Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")]
+
+
 @zoo_app.command("train-dit")
-def train_dit_cmd(
-    out: Annotated[str, typer.Option(help="checkpoint folder")] = "zoo/demo-dit",
-    steps: Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")] = None,
-    seed: int = 0,
-) -> None:
+def train_dit_cmd(out: _CheckpointFolder = "zoo/demo-dit", steps: _TrainSteps = None, seed: int = 0) -> None:
     """Train the tiny pixel-space DiT (DDPM epsilon loss) on the demo train split."""
     from difffeat.run.demo import train_demo_dit
 
@@ -185,11 +186,7 @@ def train_dit_cmd(
 
 
 @zoo_app.command("train-ddit")
-def train_ddit_cmd(
-    out: Annotated[str, typer.Option(help="checkpoint folder")] = "zoo/demo-ddit",
-    steps: Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")] = None,
-    seed: int = 0,
-) -> None:
+def train_ddit_cmd(out: _CheckpointFolder = "zoo/demo-ddit", steps: _TrainSteps = None, seed: int = 0) -> None:
     """Train the tiny text DDiT (absorbing-state loss) and its word tokenizer on the demo captions."""
     from difffeat.run.demo import train_demo_ddit
 
