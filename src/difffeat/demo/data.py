@@ -28,6 +28,7 @@ many others are generated, and the same arguments give the same bytes on every m
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import zipfile
@@ -827,3 +828,19 @@ def demo_dataset(cache_dir: str | Path | None = None, *args: Any, **kwargs: Any)
     if cache_dir is not None:
         save_demo_dataset(ds, cache_dir, params)
     return ds
+
+
+def _signature_from_params(fn: Any, *leading: inspect.Parameter) -> None:
+    """Give ``fn`` (which takes ``DemoParams``' fields as ``*args, **kwargs``) the real parameter list, so
+    ``inspect.signature`` (the config's check of reader options), help() and editors see the fields and defaults."""
+    fields = [
+        p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in inspect.signature(DemoParams).parameters.values()
+    ]
+    fn.__signature__ = inspect.signature(fn).replace(parameters=[*leading, *fields])
+
+
+_signature_from_params(make_demo_dataset)
+_signature_from_params(
+    demo_dataset, inspect.Parameter("cache_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+)
