@@ -389,6 +389,51 @@ def calibrate_massive(
     return found
 
 
+CellFeatures = Mapping[tuple[int, float], torch.Tensor]
+BatchForward = Callable[[int, int, list[float]], CellFeatures]
+
+
+def _grid_shard(
+    store: FeatureStore,
+    keys: Mapping[tuple[int, float], EntryKey],
+    lo: int,
+    hi: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    forward: BatchForward,
+) -> dict[EntryKey, HostCopy]:
+    """Rows [lo, hi) of every (block, t) entry of ``keys``, batch by batch; the shard loop of both the image and
+    the text grid. ``forward(b0, b1, timesteps_left)`` is the modality's features of rows [b0, b1) at the
+    timesteps of the unfinished entries only, so a resumed run does not recompute the finished ones."""
+    timesteps_left = sorted({t for (_, t), k in keys.items() if not store.has(k)})
+    parts: dict[tuple[int, float], list[torch.Tensor]] = {cell: [] for cell in keys}
+    for b0 in range(lo, hi, batch_size):
+        for cell, features in forward(b0, min(hi, b0 + batch_size), timesteps_left).items():
+            parts[cell].append(features.to(dtype))
+    return to_host({k: torch.cat(parts[cell]) for cell, k in keys.items() if parts[cell]})
+
+
+def _fill_grid(
+    store: FeatureStore,
+    keys: Mapping[tuple[int, float], EntryKey],
+    num_rows: int,
+    extract_options: ExtractOptions,
+    fingerprint: dict,
+    desc: str,
+    shard_forward: Callable[[int, int], BatchForward],
+    **dist,
+) -> None:
+    """Fill the (block, t) entries of ``keys`` (:func:`fill_entries`); ``shard_forward(lo, hi)`` prepares shard
+    [lo, hi) (the image branch moves its latents to the device once) and returns its batch forward."""
+    dtype = torch_dtype(extract_options.store_dtype)
+
+    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
+        return _grid_shard(store, keys, lo, hi, extract_options.batch_size, dtype, shard_forward(lo, hi))
+
+    shard_size = extract_options.shard_size
+    fill_entries(store, list(keys.values()), num_rows, shard_size, compute, fingerprint, desc, **dist)
+
+
 def _load(split: Split, i: int):
     try:
         return load_image(split.samples[i])
@@ -436,18 +481,16 @@ def extract_image_split(
         for b in blocks
         for t in timesteps
     }
-    dtype, dev = torch_dtype(extract_options.store_dtype), extractor.device
+    dev = extractor.device
 
-    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
-        lat = to_device(torch.from_numpy(np.array(store.read(latent_key)[lo:hi])), dev)
-        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
-        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
-        for b0 in range(lo, hi, extract_options.batch_size):
-            b1 = min(hi, b0 + extract_options.batch_size)
-            feats = extractor(
-                latents=lat[b0 - lo : b1 - lo],
+    def shard_forward(lo: int, hi: int) -> BatchForward:
+        latents = to_device(torch.from_numpy(np.array(store.read(latent_key)[lo:hi])), dev)
+
+        def forward(b0: int, b1: int, timesteps_left: list[float]) -> CellFeatures:
+            return extractor(
+                latents=latents[b0 - lo : b1 - lo],
                 blocks=blocks,
-                timesteps=need,
+                timesteps=timesteps_left,
                 pool=extract_options.pool,
                 token_norm=extract_options.token_norm,
                 seed=extract_options.seed,
@@ -460,20 +503,10 @@ def extract_image_split(
                 fuse_timesteps=extract_options.fuse_timesteps,
                 keep_on_device=True,
             )
-            for bt, f in feats.items():
-                parts[bt].append(f.to(dtype))
-        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
 
-    fill_entries(
-        store,
-        list(keys.values()),
-        len(rows),
-        extract_options.shard_size,
-        compute,
-        fingerprint,
-        f"image {split.name}",
-        **dist,
-    )
+        return forward
+
+    _fill_grid(store, keys, len(rows), extract_options, fingerprint, f"image {split.name}", shard_forward, **dist)
     return keys
 
 
@@ -489,7 +522,7 @@ def extract_text_split(
     identity: Mapping[str, str | None] | None = None,
     **dist,
 ) -> dict[tuple[int, float], EntryKey]:
-    """Caption features for every (block, step) of the grid, over the same rows as the image branch.
+    """Caption features for every (block, timestep) of the grid, over the same rows as the image branch.
 
     ``identity`` names the weights and tokenizer (``{"ddit": ..., "tokenizer": ...}``), fingerprinted as for images.
     """
@@ -511,39 +544,25 @@ def extract_text_split(
     for s in samples:
         if not s.captions:
             raise DataError(f"split {split.name!r}: sample {s.id!r} has no caption (the text branch needs one)")
-    dtype = torch_dtype(extract_options.store_dtype)
 
-    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
-        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
-        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
-        for b0 in range(lo, hi, extract_options.batch_size):
-            batch = samples[b0 : min(hi, b0 + extract_options.batch_size)]
-            feats = extractor(
-                [s.captions for s in batch],
-                blocks=blocks,
-                timesteps=need,
-                pool=extract_options.text_pool,
-                token_norm=extract_options.token_norm,
-                seed=extract_options.seed,
-                ids=[s.id for s in batch],
-                ensemble=extract_options.ensemble,
-                caption_reduce=extract_options.caption_reduce,
-                bf16=extract_options.bf16,
-                fuse_timesteps=extract_options.fuse_timesteps,
-                keep_on_device=True,
-            )
-            for bt, f in feats.items():
-                parts[bt].append(f.to(dtype))
-        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
+    def forward(b0: int, b1: int, timesteps_left: list[float]) -> CellFeatures:
+        batch = samples[b0:b1]
+        return extractor(
+            [s.captions for s in batch],
+            blocks=blocks,
+            timesteps=timesteps_left,
+            pool=extract_options.text_pool,
+            token_norm=extract_options.token_norm,
+            seed=extract_options.seed,
+            ids=[s.id for s in batch],
+            ensemble=extract_options.ensemble,
+            caption_reduce=extract_options.caption_reduce,
+            bf16=extract_options.bf16,
+            fuse_timesteps=extract_options.fuse_timesteps,
+            keep_on_device=True,
+        )
 
-    fill_entries(
-        store,
-        list(keys.values()),
-        len(rows),
-        extract_options.shard_size,
-        compute,
-        fingerprint,
-        f"text {split.name}",
-        **dist,
+    _fill_grid(
+        store, keys, len(rows), extract_options, fingerprint, f"text {split.name}", lambda lo, hi: forward, **dist
     )
     return keys
