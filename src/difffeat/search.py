@@ -326,8 +326,8 @@ class _Lattice:
         the step that continues the move ``previous -> cell`` first, then axis steps, then diagonals (nearest
         first within each group, ties in a fixed order)."""
         bi, ti = self.blocks.index(cell[0]), self.timesteps.index(cell[1])
-        steps = range(-self.radius, self.radius + 1)
-        moves = [(db, dt) for db in steps for dt in steps if (db, dt) != (0, 0)]
+        offsets = range(-self.radius, self.radius + 1)
+        moves = [(db, dt) for db in offsets for dt in offsets if (db, dt) != (0, 0)]
         momentum = None
         if previous is not None:
             pb, pt = self.blocks.index(previous[0]), self.timesteps.index(previous[1])

@@ -69,9 +69,9 @@ def _keys(ids: Sequence[str | int] | None, n: int) -> list[str | int]:
     return list(ids)
 
 
-def _groups(steps: Sequence[float], ensemble: int, fuse: bool) -> list[list[tuple[float, int]]]:
-    """The (step, draw) pairs that share a forward: all of them when fused, else one each."""
-    runs = [(s, draw) for s in steps for draw in range(ensemble)]
+def _groups(timesteps: Sequence[float], ensemble: int, fuse: bool) -> list[list[tuple[float, int]]]:
+    """The (timestep, draw) pairs that share a forward: all of them when fused, else one each."""
+    runs = [(t, draw) for t in timesteps for draw in range(ensemble)]
     return [runs] if fuse else [[r] for r in runs]
 
 

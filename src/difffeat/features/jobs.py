@@ -226,7 +226,7 @@ class Massive:
 def entry_fingerprint(
     modality: str,
     model: ImageModelOptions | TextModelOptions,
-    ex: ExtractOptions,
+    extract_options: ExtractOptions,
     identity: Mapping[str, str | None],
     ids: Sequence[str],
     massive: dict | None = None,
@@ -239,7 +239,7 @@ def entry_fingerprint(
         "modality": modality,
         "identity": dict(identity),
         "model": numbers_fields(model, modality),
-        "extract": numbers_fields(ex, modality),
+        "extract": numbers_fields(extract_options, modality),
         "ids": ids_digest(ids),
     }
     if massive is not None:
@@ -299,7 +299,7 @@ def cache_latents(
     split: Split,
     rows: list[int],
     name: str,
-    ex: ExtractOptions,
+    extract_options: ExtractOptions,
     vae: str | None = None,
     **dist,
 ) -> EntryKey:
@@ -308,7 +308,7 @@ def cache_latents(
     Their key's variant fingerprints what they depend on: the VAE's identity ``vae`` and dtype (a bf16 pipeline
     encodes in bf16), the image size, posterior sample or mean, the seed (in the key) and the rows.
 
-    Images are decoded by a DataLoader (``ex.num_workers`` processes, pinned memory on CUDA) that walks this
+    Images are decoded by a DataLoader (``extract.num_workers`` processes, pinned memory on CUDA) that walks this
     rank's pending shards batch by batch in the order the shard loop asks for them.
     """
     posterior = "sample" if getattr(extractor.encoder, "sample", False) else "mean"
@@ -316,10 +316,10 @@ def cache_latents(
     fingerprint = {"vae": vae, "image_size": extractor.image_size, "posterior": posterior, "ids": ids_digest(ids)}
     if extractor.encoder is not None:
         fingerprint["dtype"] = str(next(extractor.encoder.vae.parameters()).dtype)
-    key = EntryKey("latent", name, -1, -1, "none", ex.seed, split.name, entry_variant(fingerprint))
+    key = EntryKey("latent", name, -1, -1, "none", extract_options.seed, split.name, entry_variant(fingerprint))
     dev = extractor.device
-    pending = pending_shards(store, [key], len(rows), ex.shard_size, **dist)
-    batches = _shard_batches(pending, len(rows), ex.shard_size, ex.batch_size)
+    pending = pending_shards(store, [key], len(rows), extract_options.shard_size, **dist)
+    batches = _shard_batches(pending, len(rows), extract_options.shard_size, extract_options.batch_size)
     loader: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
@@ -327,17 +327,23 @@ def cache_latents(
         if loader is None:  # workers start only if there is work
             data = _Pixels(split, rows, extractor.image_size)
             pin = dev.type == "cuda"
-            loader = iter(DataLoader(data, batch_sampler=batches, num_workers=ex.num_workers, pin_memory=pin))
+            loader = iter(
+                DataLoader(data, batch_sampler=batches, num_workers=extract_options.num_workers, pin_memory=pin)
+            )
         parts = []
-        for b in range(lo, hi, ex.batch_size):
+        for b in range(lo, hi, extract_options.batch_size):
             pos, pixels = next(loader)
             if int(pos[0]) != b:
                 raise RuntimeError(f"latent cache: loader at row {int(pos[0])}, shard loop at row {b}")
             pixels = to_device(pixels, dev)
-            parts.append(extractor.encode(pixels, ids=ids[b : b + len(pos)], seed=ex.seed, keep_on_device=True))
+            parts.append(
+                extractor.encode(pixels, ids=ids[b : b + len(pos)], seed=extract_options.seed, keep_on_device=True)
+            )
         return to_host({key: torch.cat(parts).float()})
 
-    fill_entries(store, [key], len(rows), ex.shard_size, compute, fingerprint, f"latents {split.name}", **dist)
+    fill_entries(
+        store, [key], len(rows), extract_options.shard_size, compute, fingerprint, f"latents {split.name}", **dist
+    )
     return key
 
 
@@ -363,7 +369,7 @@ def calibrate_massive(
     rows: list[int],
     latent_key: EntryKey,
     model: ImageModelOptions,
-    ex: ExtractOptions,
+    extract_options: ExtractOptions,
     blocks: Sequence[int],
     times: Sequence[float],
 ) -> dict[int, list[int]]:
@@ -376,11 +382,56 @@ def calibrate_massive(
     found: dict[int, list[int]] = {}
     for block in blocks:
         tokens = extractor(
-            latents=latents, blocks=[block], timesteps=list(times), pool="none", seed=ex.seed, ids=ids,
-            class_label=model.class_label, captions=captions, bf16=ex.bf16,
+            latents=latents, blocks=[block], timesteps=list(times), pool="none", seed=extract_options.seed, ids=ids,
+            class_label=model.class_label, captions=captions, bf16=extract_options.bf16,
         )  # fmt: skip
         found[block] = sorted({c for x in tokens.values() for c in find_massive_channels(x)})
     return found
+
+
+CellFeatures = Mapping[tuple[int, float], torch.Tensor]
+BatchForward = Callable[[int, int, list[float]], CellFeatures]
+
+
+def _grid_shard(
+    store: FeatureStore,
+    keys: Mapping[tuple[int, float], EntryKey],
+    lo: int,
+    hi: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    forward: BatchForward,
+) -> dict[EntryKey, HostCopy]:
+    """Rows [lo, hi) of every (block, t) entry of ``keys``, batch by batch; the shard loop of both the image and
+    the text grid. ``forward(b0, b1, timesteps_left)`` is the modality's features of rows [b0, b1) at the
+    timesteps of the unfinished entries only, so a resumed run does not recompute the finished ones."""
+    timesteps_left = sorted({t for (_, t), k in keys.items() if not store.has(k)})
+    parts: dict[tuple[int, float], list[torch.Tensor]] = {cell: [] for cell in keys}
+    for b0 in range(lo, hi, batch_size):
+        for cell, features in forward(b0, min(hi, b0 + batch_size), timesteps_left).items():
+            parts[cell].append(features.to(dtype))
+    return to_host({k: torch.cat(parts[cell]) for cell, k in keys.items() if parts[cell]})
+
+
+def _fill_grid(
+    store: FeatureStore,
+    keys: Mapping[tuple[int, float], EntryKey],
+    num_rows: int,
+    extract_options: ExtractOptions,
+    fingerprint: dict,
+    desc: str,
+    shard_forward: Callable[[int, int], BatchForward],
+    **dist,
+) -> None:
+    """Fill the (block, t) entries of ``keys`` (:func:`fill_entries`); ``shard_forward(lo, hi)`` prepares shard
+    [lo, hi) (the image branch moves its latents to the device once) and returns its batch forward."""
+    dtype = torch_dtype(extract_options.store_dtype)
+
+    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
+        return _grid_shard(store, keys, lo, hi, extract_options.batch_size, dtype, shard_forward(lo, hi))
+
+    shard_size = extract_options.shard_size
+    fill_entries(store, list(keys.values()), num_rows, shard_size, compute, fingerprint, desc, **dist)
 
 
 def _load(split: Split, i: int):
@@ -396,7 +447,7 @@ def extract_image_split(
     split: Split,
     name: str,
     model: ImageModelOptions,
-    ex: ExtractOptions,
+    extract_options: ExtractOptions,
     blocks: Sequence[int],
     timesteps: Sequence[float],
     identity: Mapping[str, str | None] | None = None,
@@ -412,51 +463,50 @@ def extract_image_split(
     """
     identity = dict(identity or {})
     with rank_zero_first(**dist):
-        rows = prepare_ids(store, split, ex.skip_bad)
-    latent_key = cache_latents(store, extractor, split, rows, name, ex, identity.get("vae"), **dist)
+        rows = prepare_ids(store, split, extract_options.skip_bad)
+    latent_key = cache_latents(store, extractor, split, rows, name, extract_options, identity.get("vae"), **dist)
     blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
     captions = condition_captions(split, rows, model)
     calibration = None if massive is None else massive.calibration
-    fingerprint = entry_fingerprint("image", effective_options(model, extractor), ex, identity, ids, calibration)
+    fingerprint = entry_fingerprint(
+        "image", effective_options(model, extractor), extract_options, identity, ids, calibration
+    )
     variant = entry_variant(fingerprint)
     time = extractor.backbone.time.name
     keys = {
-        (b, as_time(t)): EntryKey("image", name, b, as_time(t), ex.pool, ex.seed, split.name, variant, time)
+        (b, as_time(t)): EntryKey(
+            "image", name, b, as_time(t), extract_options.pool, extract_options.seed, split.name, variant, time
+        )
         for b in blocks
         for t in timesteps
     }
-    dtype, dev = torch_dtype(ex.store_dtype), extractor.device
+    dev = extractor.device
 
-    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
-        lat = to_device(torch.from_numpy(np.array(store.read(latent_key)[lo:hi])), dev)
-        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
-        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
-        for b0 in range(lo, hi, ex.batch_size):
-            b1 = min(hi, b0 + ex.batch_size)
-            feats = extractor(
-                latents=lat[b0 - lo : b1 - lo],
+    def shard_forward(lo: int, hi: int) -> BatchForward:
+        latents = to_device(torch.from_numpy(np.array(store.read(latent_key)[lo:hi])), dev)
+
+        def forward(b0: int, b1: int, timesteps_left: list[float]) -> CellFeatures:
+            return extractor(
+                latents=latents[b0 - lo : b1 - lo],
                 blocks=blocks,
-                timesteps=need,
-                pool=ex.pool,
-                token_norm=ex.token_norm,
-                seed=ex.seed,
+                timesteps=timesteps_left,
+                pool=extract_options.pool,
+                token_norm=extract_options.token_norm,
+                seed=extract_options.seed,
                 ids=ids[b0:b1],
-                ensemble=ex.ensemble,
+                ensemble=extract_options.ensemble,
                 class_label=model.class_label,
                 captions=None if captions is None else captions[b0:b1],
                 massive=None if massive is None else massive.channels,
-                bf16=ex.bf16,
-                fuse_timesteps=ex.fuse_timesteps,
+                bf16=extract_options.bf16,
+                fuse_timesteps=extract_options.fuse_timesteps,
                 keep_on_device=True,
             )
-            for bt, f in feats.items():
-                parts[bt].append(f.to(dtype))
-        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
 
-    fill_entries(
-        store, list(keys.values()), len(rows), ex.shard_size, compute, fingerprint, f"image {split.name}", **dist
-    )
+        return forward
+
+    _fill_grid(store, keys, len(rows), extract_options, fingerprint, f"image {split.name}", shard_forward, **dist)
     return keys
 
 
@@ -466,25 +516,27 @@ def extract_text_split(
     split: Split,
     name: str,
     model: TextModelOptions,
-    ex: ExtractOptions,
+    extract_options: ExtractOptions,
     blocks: Sequence[int],
     timesteps: Sequence[float],
     identity: Mapping[str, str | None] | None = None,
     **dist,
 ) -> dict[tuple[int, float], EntryKey]:
-    """Caption features for every (block, step) of the grid, over the same rows as the image branch.
+    """Caption features for every (block, timestep) of the grid, over the same rows as the image branch.
 
     ``identity`` names the weights and tokenizer (``{"ddit": ..., "tokenizer": ...}``), fingerprinted as for images.
     """
     with rank_zero_first(**dist):
-        rows = prepare_ids(store, split, ex.skip_bad)
+        rows = prepare_ids(store, split, extract_options.skip_bad)
     blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
-    fingerprint = entry_fingerprint("text", effective_options(model, extractor), ex, identity or {}, ids)
+    fingerprint = entry_fingerprint("text", effective_options(model, extractor), extract_options, identity or {}, ids)
     variant = entry_variant(fingerprint)
     time = extractor.backbone.time.name
     keys = {
-        (b, as_time(t)): EntryKey("text", name, b, as_time(t), ex.text_pool, ex.seed, split.name, variant, time)
+        (b, as_time(t)): EntryKey(
+            "text", name, b, as_time(t), extract_options.text_pool, extract_options.seed, split.name, variant, time
+        )
         for b in blocks
         for t in timesteps
     }
@@ -492,32 +544,25 @@ def extract_text_split(
     for s in samples:
         if not s.captions:
             raise DataError(f"split {split.name!r}: sample {s.id!r} has no caption (the text branch needs one)")
-    dtype = torch_dtype(ex.store_dtype)
 
-    def compute(lo: int, hi: int) -> dict[EntryKey, HostCopy]:
-        need = sorted({t for (b, t), k in keys.items() if not store.has(k)})
-        parts: dict[tuple[int, int], list[torch.Tensor]] = {bt: [] for bt in keys}
-        for b0 in range(lo, hi, ex.batch_size):
-            batch = samples[b0 : min(hi, b0 + ex.batch_size)]
-            feats = extractor(
-                [s.captions for s in batch],
-                blocks=blocks,
-                timesteps=need,
-                pool=ex.text_pool,
-                token_norm=ex.token_norm,
-                seed=ex.seed,
-                ids=[s.id for s in batch],
-                ensemble=ex.ensemble,
-                caption_reduce=ex.caption_reduce,
-                bf16=ex.bf16,
-                fuse_timesteps=ex.fuse_timesteps,
-                keep_on_device=True,
-            )
-            for bt, f in feats.items():
-                parts[bt].append(f.to(dtype))
-        return to_host({k: torch.cat(parts[bt]) for bt, k in keys.items() if parts[bt]})
+    def forward(b0: int, b1: int, timesteps_left: list[float]) -> CellFeatures:
+        batch = samples[b0:b1]
+        return extractor(
+            [s.captions for s in batch],
+            blocks=blocks,
+            timesteps=timesteps_left,
+            pool=extract_options.text_pool,
+            token_norm=extract_options.token_norm,
+            seed=extract_options.seed,
+            ids=[s.id for s in batch],
+            ensemble=extract_options.ensemble,
+            caption_reduce=extract_options.caption_reduce,
+            bf16=extract_options.bf16,
+            fuse_timesteps=extract_options.fuse_timesteps,
+            keep_on_device=True,
+        )
 
-    fill_entries(
-        store, list(keys.values()), len(rows), ex.shard_size, compute, fingerprint, f"text {split.name}", **dist
+    _fill_grid(
+        store, keys, len(rows), extract_options, fingerprint, f"text {split.name}", lambda lo, hi: forward, **dist
     )
     return keys

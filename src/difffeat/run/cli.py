@@ -79,7 +79,7 @@ def _config(path: Path | None, sets: list[str] | None, out: str | None, extra: l
     return apply_overrides(cfg, overrides)
 
 
-def _run(make_config: Callable[[], RunConfig], steps: tuple[str, ...], recompute: bool) -> RunConfig:
+def _run(make_config: Callable[[], RunConfig], pipeline_steps: tuple[str, ...], recompute: bool) -> RunConfig:
     """Read the config and run pipeline steps; under torchrun inside the process group (see
     difffeat.utils.distributed)."""
     from difffeat.run.pipeline import run
@@ -91,7 +91,7 @@ def _run(make_config: Callable[[], RunConfig], steps: tuple[str, ...], recompute
         nonlocal cfg
         cfg = make_config()
         with distributed.session(cfg.extract.device):
-            run(cfg, steps, recompute=recompute)
+            run(cfg, pipeline_steps, recompute=recompute)
 
     _guarded(lambda: cfg.out if cfg else None, action)
     return cfg

@@ -198,25 +198,24 @@ class Experiment:
         default grid of the backbone's time convention."""
         s = self.cfg.search
         blocks = s.image_grid_blocks if modality == "image" else s.text_grid_blocks
-        steps = s.image_grid_timesteps if modality == "image" else s.text_grid_timesteps
+        timesteps = s.image_grid_timesteps if modality == "image" else s.text_grid_timesteps
         depth = self.depth(modality)
         blocks = resolve_indices(blocks, depth) if blocks else list(range(depth))
         where = f"search.{modality}_grid_timesteps"
-        if not steps:
+        if not timesteps:
             name = self.time(modality).name
             if name not in DEFAULT_TIMES:
                 raise ConfigError(where, f"no default grid for {name} time: give the times to sweep")
-            steps = DEFAULT_TIMES[name]
-        return blocks, sorted(self.times(modality, steps, where))
+            timesteps = DEFAULT_TIMES[name]
+        return blocks, sorted(self.times(modality, timesteps, where))
 
     # ---- features ----------------------------------------------------------------------------------
     def ensure(self, modality: str, blocks: Sequence[int], timesteps: Sequence[float], splits: Sequence[str]) -> None:
         """Extract whatever of blocks x timesteps is missing: one truncated forward per timestep and batch."""
         for split in splits:
             if modality == "image":
-                ex = self.image_extractor
                 extract_image_split(
-                    self.store, ex, self.data.split(split), self.model_name("image"), self.cfg.image,
+                    self.store, self.image_extractor, self.data.split(split), self.model_name("image"), self.cfg.image,
                     self.cfg.extract, blocks, timesteps, self.identities["image"], self.massive(blocks), **self.dist,
                 )  # fmt: skip
             else:
@@ -249,15 +248,15 @@ class Experiment:
                               "extract": numbers_fields(self.cfg.extract, "image"), **calibration})  # fmt: skip
         channels = _recorded_channels(path, fingerprint)
         if any(b not in channels for b in blocks):
-            ex, split, rows = self.image_extractor, self.data.split("train"), self.rows("train")
+            extractor, split, rows = self.image_extractor, self.data.split("train"), self.rows("train")
             vae, name = self.identities["image"]["vae"], self.model_name("image")
-            latents = cache_latents(self.store, ex, split, rows, name, self.cfg.extract, vae, **self.dist)
+            latents = cache_latents(self.store, extractor, split, rows, name, self.cfg.extract, vae, **self.dist)
             with distributed.rank_zero_first(**self.dist):  # rank 0 measures and writes, the others read
                 channels = _recorded_channels(path, fingerprint)
                 missing = [b for b in blocks if b not in channels]
                 if missing:
                     channels |= calibrate_massive(
-                        self.store, ex, split, rows[:MASSIVE_CALIBRATION_ROWS], latents, self.cfg.image,
+                        self.store, extractor, split, rows[:MASSIVE_CALIBRATION_ROWS], latents, self.cfg.image,
                         self.cfg.extract, missing, calibration["times"],
                     )  # fmt: skip
                     if self.dist["rank"] == 0:
@@ -285,11 +284,11 @@ class Experiment:
         )
 
     def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
-        ex = self.cfg.extract
-        pool = ex.pool if modality == "image" else ex.text_pool
+        options = self.cfg.extract
+        pool = options.pool if modality == "image" else options.text_pool
         name = model or self.model_name(modality)
         return EntryKey(
-            modality, name, cell[0], as_time(cell[1]), pool, ex.seed, split, self.variant(modality, split),
+            modality, name, cell[0], as_time(cell[1]), pool, options.seed, split, self.variant(modality, split),
             self.time(modality).name,
         )  # fmt: skip
 
@@ -405,10 +404,14 @@ def _recorded_channels(path: Path, fingerprint: str) -> dict[int, list[int]]:
 # ---- steps ---------------------------------------------------------------------------------------------
 def step_extract(exp: Experiment) -> None:
     """The extract section's blocks x timesteps for every split (what ``difffeat extract`` does)."""
-    ex = exp.cfg.extract
+    options = exp.cfg.extract
     for m in exp.modalities:
-        blocks, steps = (ex.image_blocks, ex.image_timesteps) if m == "image" else (ex.text_blocks, ex.text_timesteps)
-        exp.ensure(m, blocks, exp.times(m, steps, f"extract.{m}_timesteps"), exp.cfg.data.splits)
+        blocks, timesteps = (
+            (options.image_blocks, options.image_timesteps)
+            if m == "image"
+            else (options.text_blocks, options.text_timesteps)
+        )
+        exp.ensure(m, blocks, exp.times(m, timesteps, f"extract.{m}_timesteps"), exp.cfg.data.splits)
 
 
 def extract_grid(exp: Experiment) -> None:
@@ -426,12 +429,12 @@ def step_sweep(exp: Experiment) -> dict[str, np.ndarray]:
     tables = {}
     probe = exp.probe_options()
     for m in exp.modalities:
-        blocks, steps = exp.grid(m)
+        blocks, timesteps = exp.grid(m)
         csv_path = exp.out / f"sweep_{m}.csv"
         _drop_if_stale(csv_path, exp.fingerprint(probe=numbers_fields(probe), modality=m))
         res = run_sweep(
             lambda b, t, split, m=m: exp.features(m, (b, t), split),
-            blocks, steps, exp.targets("train"), exp.targets("val"), probe, csv_path=csv_path,
+            blocks, timesteps, exp.targets("train"), exp.targets("val"), probe, csv_path=csv_path,
         )  # fmt: skip
         tables[m] = res.scores
     return tables
@@ -466,8 +469,8 @@ def step_search(exp: Experiment, tables: dict[str, np.ndarray] | None = None) ->
 
     def single(modality: str, cell: Cell) -> float:
         if tables is not None:
-            blocks, steps = grids[modality]
-            return float(tables[modality][blocks.index(cell[0]), steps.index(cell[1])])
+            blocks, timesteps = grids[modality]
+            return float(tables[modality][blocks.index(cell[0]), timesteps.index(cell[1])])
         return exp.probe_score(modality, cell)
 
     def log(record) -> None:
@@ -575,15 +578,15 @@ def random_init_features(exp: Experiment, modality: str, cell: Cell, split: str)
     name = f"{exp.model_name(modality)}-random-init"
     key = exp.key(modality, cell, split, model=name)
     if not exp.store.has(key):
-        ex = _random_twin(exp.extractor(modality), exp.cfg.extract.seed)
+        twin = _random_twin(exp.extractor(modality), exp.cfg.extract.seed)
         if modality == "image":
             extract_image_split(
-                exp.store, ex, exp.data.split(split), name, exp.cfg.image, exp.cfg.extract, [cell[0]], [cell[1]],
+                exp.store, twin, exp.data.split(split), name, exp.cfg.image, exp.cfg.extract, [cell[0]], [cell[1]],
                 exp.identities["image"], exp.massive([cell[0]]), **exp.dist,
             )  # fmt: skip
         else:
             extract_text_split(
-                exp.store, ex, exp.data.split(split), name, exp.cfg.text, exp.cfg.extract, [cell[0]], [cell[1]],
+                exp.store, twin, exp.data.split(split), name, exp.cfg.text, exp.cfg.extract, [cell[0]], [cell[1]],
                 exp.identities["text"], **exp.dist,
             )  # fmt: skip
     return exp.store.read(key)
