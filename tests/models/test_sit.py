@@ -186,3 +186,8 @@ def test_layers_table_of_a_sit_file_names_its_time_convention(sit_file):
     assert table[0] == "sit: 3 blocks"
     assert "clean = 1" in table[1] and "t = 0 pure noise" in table[1]
     assert table[-1] == "    2  blocks.2                         384"
+
+
+def test_layers_table_refuses_to_guess_dit_for_a_sit_named_file(sit_file):
+    with pytest.raises(ValueError, match="backbone='sit'"):
+        describe_source(sit_file[0])

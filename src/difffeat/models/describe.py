@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from difffeat.models.base import HUB_ID, Layer, TimeConvention
+from difffeat.models.dit_adapter import DiTAdapter
 
 
 def describe_source(source: str | Path, family: str | None = None) -> str:
@@ -22,6 +23,8 @@ def describe_source(source: str | Path, family: str | None = None) -> str:
     if family in (None, "pixart", "sd3", "flux", "diffusers") and not path.is_file():
         family_name, time, layers = _diffusers_layers(source, family)
     elif family in (None, "sit", "dit") and path.is_file():
+        if family is None:
+            DiTAdapter.recognises(str(path))  # refuses a SiT-named file: its tensors are a DiT's, its time is not
         family_name, time, layers = _dit_layers(path, family or "dit")
     else:
         raise ValueError(f"{source}: cannot describe it as {family!r} (a file is a DiT/SiT .pt, a folder a pipeline)")
