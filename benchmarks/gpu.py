@@ -636,7 +636,7 @@ def main() -> None:
 def run_child(
     name: str, sizes: Sizes, device, out: Path, work: Path, smoke: bool, results: dict, left: float
 ) -> tuple[dict, bool]:
-    """Run one section in a forked process group; its results, and whether we were interrupted (Ctrl-C, or
+    """Run one section in its own process group; its results, and whether we were interrupted (Ctrl-C, or
     gpu.sh's time limit) while it ran. Overrun or interrupted, the whole group goes: DataLoader workers and
     subprocesses too."""
     box = min(sizes.boxes[name], left)
@@ -645,7 +645,10 @@ def run_child(
     ctx = Context(sizes, device, out, work, smoke, results, part)
     log(f"== {name} (time box {box:.0f} s)")
     start = time.monotonic()
-    proc = mp.get_context("fork").Process(target=_run_section, args=(name, ctx), name=f"gpu-{name}")
+    # CUDA cannot be used in a forked child once anything in the parent has touched it (an import can), so on a GPU
+    # each section starts a fresh interpreter; on the CPU fork is cheaper and lets tests patch SECTIONS.
+    start_method = "spawn" if torch.device(device).type == "cuda" else "fork"
+    proc = mp.get_context(start_method).Process(target=_run_section, args=(name, ctx), name=f"gpu-{name}")
     proc.start()
     interrupted = False
     try:
