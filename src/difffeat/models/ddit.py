@@ -234,6 +234,8 @@ class DDiT(nn.Module):
     def __init__(self, config: DDiTConfig):
         super().__init__()
         cfg = self.config = config
+        self.depth, self.hidden_size, self.max_length = cfg.n_blocks, cfg.hidden_size, cfg.length
+        self.mask_index: int = cfg.mask_index  # the absorbing [MASK] id (SEDD/MDLM: one past GPT-2's vocabulary)
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, cfg.vocab_size)
         self.sigma_map = SigmaEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.head_dim)
@@ -250,23 +252,6 @@ class DDiT(nn.Module):
             nn.init.zeros_(module.bias)
         nn.init.zeros_(self.output_layer.linear.weight)
         nn.init.zeros_(self.output_layer.linear.bias)
-
-    @property
-    def depth(self) -> int:
-        return self.config.n_blocks
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def mask_index(self) -> int:
-        """The absorbing [MASK] id (the last one for SEDD/MDLM: one past GPT-2's vocabulary)."""
-        return self.config.mask_index
-
-    @property
-    def max_length(self) -> int:
-        return self.config.length
 
     def _sigma(self, sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         """Noise level per sample, fp32 ``[B]``; a scalar is broadcast to the batch."""
