@@ -413,6 +413,38 @@ def _grid_shard(
     return to_host({k: torch.cat(parts[cell]) for cell, k in keys.items() if parts[cell]})
 
 
+def _grid_keys(
+    modality: str,
+    name: str,
+    pool: str,
+    split: Split,
+    extract_options: ExtractOptions,
+    fingerprint: dict,
+    extractor,
+    blocks: Sequence[int],
+    timesteps: Sequence[float],
+) -> dict[tuple[int, float], EntryKey]:
+    """The store key of every (block, t) cell of one split's grid; ``fingerprint`` becomes the keys' variant."""
+    variant, time = entry_variant(fingerprint), extractor.backbone.time.name
+    return {
+        (b, as_time(t)): EntryKey(modality, name, b, as_time(t), pool, extract_options.seed, split.name, variant, time)
+        for b in blocks
+        for t in timesteps
+    }
+
+
+def _run_options(extract_options: ExtractOptions, pool: str) -> dict:
+    """The extractor's per-call ``run`` options (``features.extract._Run``) that both grids take from the config."""
+    return {
+        "pool": pool,
+        "token_norm": extract_options.token_norm,
+        "seed": extract_options.seed,
+        "ensemble": extract_options.ensemble,
+        "bf16": extract_options.bf16,
+        "fuse_timesteps": extract_options.fuse_timesteps,
+    }
+
+
 def _fill_grid(
     store: FeatureStore,
     keys: Mapping[tuple[int, float], EntryKey],
@@ -472,15 +504,9 @@ def extract_image_split(
     fingerprint = entry_fingerprint(
         "image", effective_options(model, extractor), extract_options, identity, ids, calibration
     )
-    variant = entry_variant(fingerprint)
-    time = extractor.backbone.time.name
-    keys = {
-        (b, as_time(t)): EntryKey(
-            "image", name, b, as_time(t), extract_options.pool, extract_options.seed, split.name, variant, time
-        )
-        for b in blocks
-        for t in timesteps
-    }
+    keys = _grid_keys(
+        "image", name, extract_options.pool, split, extract_options, fingerprint, extractor, blocks, timesteps
+    )
     dev = extractor.device
 
     def shard_forward(lo: int, hi: int) -> BatchForward:
@@ -491,17 +517,12 @@ def extract_image_split(
                 latents=latents[b0 - lo : b1 - lo],
                 blocks=blocks,
                 timesteps=timesteps_left,
-                pool=extract_options.pool,
-                token_norm=extract_options.token_norm,
-                seed=extract_options.seed,
                 ids=ids[b0:b1],
-                ensemble=extract_options.ensemble,
                 class_label=model.class_label,
                 captions=None if captions is None else captions[b0:b1],
                 massive=None if massive is None else massive.channels,
-                bf16=extract_options.bf16,
-                fuse_timesteps=extract_options.fuse_timesteps,
                 keep_on_device=True,
+                **_run_options(extract_options, extract_options.pool),
             )
 
         return forward
@@ -531,15 +552,8 @@ def extract_text_split(
     blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
     fingerprint = entry_fingerprint("text", effective_options(model, extractor), extract_options, identity or {}, ids)
-    variant = entry_variant(fingerprint)
-    time = extractor.backbone.time.name
-    keys = {
-        (b, as_time(t)): EntryKey(
-            "text", name, b, as_time(t), extract_options.text_pool, extract_options.seed, split.name, variant, time
-        )
-        for b in blocks
-        for t in timesteps
-    }
+    pool = extract_options.text_pool
+    keys = _grid_keys("text", name, pool, split, extract_options, fingerprint, extractor, blocks, timesteps)
     samples = [split.samples[i] for i in rows]
     for s in samples:
         if not s.captions:
@@ -551,15 +565,10 @@ def extract_text_split(
             [s.captions for s in batch],
             blocks=blocks,
             timesteps=timesteps_left,
-            pool=extract_options.text_pool,
-            token_norm=extract_options.token_norm,
-            seed=extract_options.seed,
             ids=[s.id for s in batch],
-            ensemble=extract_options.ensemble,
             caption_reduce=extract_options.caption_reduce,
-            bf16=extract_options.bf16,
-            fuse_timesteps=extract_options.fuse_timesteps,
             keep_on_device=True,
+            **_run_options(extract_options, pool),
         )
 
     _fill_grid(
