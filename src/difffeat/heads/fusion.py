@@ -25,7 +25,6 @@ from difffeat.heads.train import (
     TrainedHead,
     TrainOptions,
     init_prior_bias,
-    load_head_file,
     prepare,
     train_heads,
 )
@@ -160,7 +159,7 @@ class FusionResult(TrainedHead):
     @classmethod
     def load(cls, path: str | os.PathLike) -> FusionResult:
         """Inverse of ``save``."""
-        tensors, info, summary = load_head_file(path)
+        tensors, info, summary = cls.read_file(path)
         head = FusionHead(**info["head"])
         head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
         n = len(head.in_dims)

@@ -27,7 +27,6 @@ from difffeat.heads.train import (
     TrainedHead,
     TrainOptions,
     init_prior_bias,
-    load_head_file,
     prepare,
     train_heads,
 )
@@ -76,7 +75,7 @@ class ProbeResult(TrainedHead):
     @classmethod
     def load(cls, path: str | os.PathLike) -> ProbeResult:
         """Inverse of ``save``."""
-        tensors, _, summary = load_head_file(path)
+        tensors, _, summary = cls.read_file(path)
         n_classes, dim = tensors["weight"].shape
         linear = nn.Linear(dim, n_classes)
         linear.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})

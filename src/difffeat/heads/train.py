@@ -416,17 +416,17 @@ class TrainedHead:
         contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write_bytes(path, save(contiguous, metadata={"difffeat": json.dumps({**info, **summary})}))
 
-
-def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Inverse of ``TrainedHead.save_with``: (tensors, the extra info, ``TrainedHead`` fields as keywords)."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        info = json.loads(f.metadata()["difffeat"])
-    fields = {
-        "loss": info.pop("loss"),
-        "best_score": float(info.pop("best_score")),
-        "best_epoch": int(info.pop("best_epoch")),
-        "history": [HistoryRow(int(e), float(l), float(s)) for e, l, s in info.pop("history")],
-        "seconds": float(info.pop("seconds")),
-    }
-    return tensors, info, fields
+    @staticmethod
+    def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """Inverse of :meth:`save_with`: (tensors, the extra info, ``TrainedHead`` fields as keywords)."""
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            info = json.loads(f.metadata()["difffeat"])
+        fields = {
+            "loss": info.pop("loss"),
+            "best_score": float(info.pop("best_score")),
+            "best_epoch": int(info.pop("best_epoch")),
+            "history": [HistoryRow(int(e), float(l), float(s)) for e, l, s in info.pop("history")],
+            "seconds": float(info.pop("seconds")),
+        }
+        return tensors, info, fields
