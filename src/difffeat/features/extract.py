@@ -130,7 +130,9 @@ class _Run:
 class _Extractor:
     """What the image and text extractors share: the adapter, compilation, and the noised truncated forwards."""
 
-    def __init__(self, backbone: Any, compile: bool) -> None:
+    def __init__(self, backbone: Any, compile: bool, **adapter_options: Any) -> None:
+        if isinstance(backbone, nn.Module):
+            backbone = adapt(backbone, **adapter_options)
         self.backbone = backbone
         self.compiled = compile
         if compile:
@@ -192,22 +194,14 @@ class ImageFeatureExtractor(_Extractor):
 
     ``backbone`` is an image adapter (``models.base.ImageBackbone``) or a bare model its registered family wraps;
     for a bare model, ``vae`` is a diffusers ``AutoencoderKL`` (latent models) or None (pixel-space models: the
-    image itself, in [-1, 1] at the model's input size, is ``x0``). ``compile`` wraps the blocks in
-    ``torch.compile``. A call's ``run`` options (``pool``, ``token_norm``, ``seed``, ``ensemble``, ``bf16``,
-    ``fuse_timesteps``, ``massive``) are ``_Run``'s fields, shared with the text extractor.
+    image itself, in [-1, 1] at the model's input size, is ``x0``), and ``adapter_options`` (``image_size``,
+    ``sample_posterior``) go to the adapter. ``compile`` wraps the blocks in ``torch.compile``. A call's ``run``
+    options (``pool``, ``token_norm``, ``seed``, ``ensemble``, ``bf16``, ``fuse_timesteps``, ``massive``) are
+    ``_Run``'s fields, shared with the text extractor.
     """
 
-    def __init__(
-        self,
-        backbone: ImageBackbone | nn.Module,
-        vae=None,
-        image_size: int | None = None,
-        sample_posterior: bool = True,
-        compile: bool = False,
-    ):
-        if isinstance(backbone, nn.Module):
-            backbone = adapt(backbone, vae=vae, image_size=image_size, sample_posterior=sample_posterior)
-        super().__init__(backbone, compile)
+    def __init__(self, backbone: ImageBackbone | nn.Module, vae=None, *, compile: bool = False, **adapter_options: Any):
+        super().__init__(backbone, compile, vae=vae, **adapter_options)
 
     dit = _adapter_attribute("module", "The wrapped model (named for the DiT, which the pipeline reads it as).")
     image_size = _adapter_attribute("image_size")
@@ -254,7 +248,7 @@ class TextFeatureExtractor(_Extractor):
     """Pooled block outputs of a text diffusion transformer for captions corrupted to a noise step.
 
     ``backbone`` is a text adapter (``models.base.TextBackbone``) or a bare model its registered family wraps,
-    with ``tokenizer`` and ``max_length``. For the DDiT (SEDD/MDLM), steps are integers 0..1000
+    with ``tokenizer`` and ``adapter_options`` (``max_length``). For the DDiT (SEDD/MDLM), steps are integers 0..1000
     (t = step / 1000, sigma = -log(1 - (1 - eps) t)); step 0 is the clean caption with sigma = 0. Several
     captions per sample are reduced by ``caption_reduce``: ``"mean"`` averages the per-caption features (every
     caption counts, none is favoured), ``"first"`` keeps the first caption, ``"concat"`` joins them into one
@@ -262,15 +256,9 @@ class TextFeatureExtractor(_Extractor):
     """
 
     def __init__(
-        self,
-        backbone: TextBackbone | nn.Module,
-        tokenizer=None,
-        max_length: int | None = None,
-        compile: bool = False,
+        self, backbone: TextBackbone | nn.Module, tokenizer=None, *, compile: bool = False, **adapter_options: Any
     ):
-        if isinstance(backbone, nn.Module):
-            backbone = adapt(backbone, tokenizer=tokenizer, max_length=max_length)
-        super().__init__(backbone, compile)
+        super().__init__(backbone, compile, tokenizer=tokenizer, **adapter_options)
 
     ddit = _adapter_attribute("module", "The wrapped model (named for the DDiT, which the pipeline reads it as).")
     tokenizer = _adapter_attribute("tokenizer")
