@@ -13,6 +13,8 @@ from difffeat.demo.zoo import (
     DiTRecipe,
     _absorb,
     ce_all_loss,
+    ddit_config,
+    dit_config,
     mdlm_loss,
     score_entropy,
     score_entropy_loss,
@@ -23,6 +25,7 @@ from difffeat.demo.zoo import (
 from difffeat.models.ddit import DDiT, DDiTConfig
 from difffeat.models.ddit_load import load_ddit
 from difffeat.models.dit_load import load_dit
+from difffeat.run.demo import ZOO
 from helpers import CAPTIONS, tiny_tokenizer
 
 DIT = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, batch_size=16, warmup=5, bf16=False)
@@ -44,6 +47,16 @@ def test_dit_training_lowers_the_loss_and_loads_back(tmp_path):
     assert info["final_loss"] < 0.8 * info["first_loss"]
     model = load_dit(folder)
     assert model.null_class == 1 and model.config.learn_sigma is False
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in ZOO.iterdir()))
+def test_each_committed_recipe_json_loads_as_a_recipe_and_rebuilds_its_model_config(folder):
+    recipe = json.loads((ZOO / folder / "recipe.json").read_text())["recipe"]
+    if "depth" in recipe:
+        assert dit_config(DiTRecipe(**recipe)) == load_dit(ZOO / folder).config
+    else:
+        r = DDiTRecipe(**recipe)
+        assert ddit_config(r, r.vocab_size) == load_ddit(ZOO / folder).config
 
 
 def test_recipe_records_where_and_how_long_it_ran(tmp_path):

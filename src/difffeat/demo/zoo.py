@@ -63,6 +63,7 @@ class TrainRecipe:
     device: str = "cpu"  # "auto": CUDA when present
     pool: int = 0
     pool_seed: int = 0
+    hidden_size: int = 128  # the one architecture field both tiny models name alike
 
 
 @dataclass
@@ -72,7 +73,6 @@ class DiTRecipe(TrainRecipe):
     input_size: int = 32
     patch_size: int = 4
     in_channels: int = 3
-    hidden_size: int = 128
     depth: int = 6
     num_heads: int = 4
 
@@ -85,7 +85,6 @@ class DDiTRecipe(TrainRecipe):
 
     steps: int = 1500
     num_threads: int = 1
-    hidden_size: int = 128
     cond_dim: int = 64
     n_heads: int = 4
     n_blocks: int = 6
