@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ DEMO_MODELS = {
 }
 
 Key = tuple[int, float]
+Loaded = TypeVar("Loaded", bound="_Featurizer")  # from_pretrained returns the class it is called on
 Captions = Sequence[str | Sequence[str]]  # one caption per sample, or several
 
 
@@ -89,6 +90,8 @@ class _Featurizer:
     """What both modalities share: loading, device, ``layers()`` and the keyed result."""
 
     modality: ClassVar[str]
+    extractor_class: ClassVar[type[ImageFeatureExtractor] | type[TextFeatureExtractor]]
+    own_options: ClassVar[tuple[str, ...]] = ()  # from_pretrained options the featurizer takes, not its loader
 
     def __init__(self, extractor: ImageFeatureExtractor | TextFeatureExtractor, bf16: bool = False) -> None:
         self.extractor = extractor
@@ -111,9 +114,28 @@ class _Featurizer:
         return describe(self.backbone)
 
     @classmethod
-    def _load(cls, source: str | Path, backbone: str | None, device: str, options: dict[str, Any]) -> Backbone:
+    def from_pretrained(
+        cls: type[Loaded],
+        source: str | Path,
+        *,
+        backbone: str | None = None,
+        device: str = "auto",
+        bf16: bool = False,
+        compile: bool = False,
+        **options: Any,
+    ) -> Loaded:
+        """Load ``source``: ``"demo"`` or a checkpoint file, hub id or folder of a family of this modality (the
+        subclasses list them, with the ``options`` each family's loader takes).
+
+        ``backbone`` names the family (``difffeat.models.base.families(modality)``) when the source does not
+        tell. ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
+        autocast; ``compile`` wraps the blocks in ``torch.compile``. ``options`` go to the family's loader, except
+        the featurizer's own (``own_options``: the image side's ``massive``).
+        """
+        own = {name: options.pop(name) for name in cls.own_options if name in options}
         source = DEMO_MODELS[cls.modality] if str(source) == "demo" else source
-        return load_backbone(source, cls.modality, backbone, **options).to(resolve_device(device))
+        adapter = load_backbone(source, cls.modality, backbone, **options).to(resolve_device(device))
+        return cls(cls.extractor_class(adapter, compile=compile), bf16=bf16, **own)
 
     def _call_options(self, blocks: Sequence[int]) -> dict[str, Any]:
         """What this featurizer adds to every extractor call besides ``bf16`` (the image side: ``massive``)."""
@@ -137,9 +159,19 @@ class ImageFeaturizer(_Featurizer):
     assumed: :meth:`calibrate` finds them on a calibration batch and keeps them in ``massive_channels``.
     "normalise" keeps their spatial pattern at unit scale; its token mean is 0, so under plain mean pooling it
     equals "zero" and differs only for ``pool="none"`` or ``token_norm=True``.
+
+    :meth:`from_pretrained` loads ``"demo"``, an official checkpoint file, a diffusers folder or hub id, or our
+    folder. Its ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own; the
+    other loader options: DiT ``numerics``, ``image_size``, ``sample_posterior``; SiT (``backbone="sit"``: no
+    file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 / FLUX / generic ``diffusers``
+    ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both": the token streams of an MMDiT
+    block), ``dtype`` ("bfloat16" for the large ones), ``guidance``, ``max_sequence_length``, and for
+    ``diffusers`` ``null_condition`` / ``fixed_inputs``. It also takes ``massive`` (above).
     """
 
     modality = "image"
+    extractor_class = ImageFeatureExtractor
+    own_options = ("massive",)
 
     def __init__(self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none") -> None:
         if massive not in MASSIVE_OPTIONS:
@@ -147,33 +179,6 @@ class ImageFeaturizer(_Featurizer):
         super().__init__(extractor, bf16)
         self.massive = massive
         self.massive_channels: dict[int, list[int]] = {}  # 0-based block -> channels, filled by calibrate()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | Path,
-        *,
-        vae: Any = None,
-        backbone: str | None = None,
-        device: str = "auto",
-        bf16: bool = False,
-        compile: bool = False,
-        massive: str = "none",
-        **options: Any,
-    ) -> ImageFeaturizer:
-        """Load ``source``: ``"demo"``, an official checkpoint file, a diffusers folder or hub id, or our folder.
-
-        ``backbone`` names the family (``difffeat.models.base.families("image")``) when the source does not
-        tell. ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own.
-        ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
-        autocast. ``options`` go to the family's loader: DiT ``numerics``, ``image_size``, ``sample_posterior``;
-        SiT (``backbone="sit"``: no file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
-        FLUX / generic ``diffusers`` ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both":
-        the token streams of an MMDiT block), ``dtype`` ("bfloat16" for the large ones), ``guidance``,
-        ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``.
-        """
-        adapter = cls._load(source, backbone, device, {"vae": vae, **options})
-        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16, massive=massive)
 
     def calibrate(
         self, images: Any = None, *, blocks: Sequence[int], timesteps: Sequence[float], k: float = 100.0, **options: Any
@@ -218,30 +223,16 @@ class ImageFeaturizer(_Featurizer):
 
 
 class TextFeaturizer(_Featurizer):
-    """Pooled block outputs of a text diffusion transformer (see the module docstring)."""
+    """Pooled block outputs of a text diffusion transformer (see the module docstring).
+
+    :meth:`from_pretrained` loads ``"demo"``, a SEDD/MDLM hub id or folder, a checkpoint file, or our folder. Its
+    ``tokenizer`` (a ``tokenizer.json``, hub id or folder) defaults to the one beside our own models, else GPT-2's,
+    with the special tokens the model kind saw in training; the DDiT loader also takes ``add_special`` and
+    ``max_length``.
+    """
 
     modality = "text"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | Path,
-        *,
-        tokenizer: Any = None,
-        backbone: str | None = None,
-        device: str = "auto",
-        bf16: bool = False,
-        compile: bool = False,
-        **options: Any,
-    ) -> TextFeaturizer:
-        """Load ``source``: ``"demo"``, a SEDD/MDLM hub id or folder, a checkpoint file, or our folder.
-
-        ``tokenizer`` (a ``tokenizer.json``, hub id or folder) defaults to the one beside our own models, else
-        GPT-2's, with the special tokens the model kind saw in training. ``options`` go to the family's loader
-        (DDiT: ``add_special``, ``max_length``). ``backbone``, ``device``, ``bf16``: as for images.
-        """
-        adapter = cls._load(source, backbone, device, {"tokenizer": tokenizer, **options})
-        return cls(TextFeatureExtractor(adapter, compile=compile), bf16=bf16)
+    extractor_class = TextFeatureExtractor
 
     def __call__(
         self, captions: Captions, *, blocks: Sequence[int], timesteps: Sequence[float], **options: Any
