@@ -106,12 +106,15 @@ def test_padded_batch_equals_one_caption_at_a_time(backbone) -> None:
 def test_early_exit_runs_no_later_decoder_layer_and_no_head(backbone) -> None:
     calls = Counter()
     inner = backbone.module.model
+
+    def count(module, name):
+        return module.register_forward_hook(lambda m, a, o: calls.update([name]))
+
     hooks = [
-        *(m.register_forward_hook(lambda m, a, o, i=i: calls.update([("dec", i)])) for i, m in enumerate(inner.decoder.layers)),
-        *(m.register_forward_hook(lambda m, a, o, i=i: calls.update([("enc", i)]))
-          for i, m in enumerate(inner.encoder.language_model.layers)),
-        backbone.module.lm_head.register_forward_hook(lambda m, a, o: calls.update(["head"])),
-    ]  # fmt: skip
+        *(count(m, ("dec", i)) for i, m in enumerate(inner.decoder.layers)),
+        *(count(m, ("enc", i)) for i, m in enumerate(inner.encoder.language_model.layers)),
+        count(backbone.module.lm_head, "head"),
+    ]
     x0 = backbone.encode(CAPTIONS[:2], [0, 1], seed=0)
     try:
         out = backbone.forward_intermediates(x0.x, backbone.model_time(0, 2), [0, 1], mask=x0.mask)
