@@ -237,12 +237,18 @@ def test_training_checkpoint_loads_the_ema_weights(tmp_path) -> None:
 
 def test_family_is_read_from_the_folder(hub_folder, tmp_path) -> None:
     assert resolve_family(hub_folder, "text") == "radd"
+    raw = json.loads((hub_folder / "config.json").read_text())
+    del raw["model"]["name"], raw["model"]["type"]  # still RADD's: dtype and use_checkpoint, no scale_by_sigma
+    (hub_folder / "config.json").write_text(json.dumps(raw))
+    assert resolve_family(hub_folder, "text") == "radd"
     sedd = tmp_path / "sedd"
     save_ddit(tiny_ddit(64), sedd)
     raw = json.loads((sedd / "config.json").read_text())
     assert resolve_family(sedd, "text") == "ddit" and raw["architecture"] == "ddit"
     with pytest.raises(CheckpointError, match="use backbone radd"):
         load_ddit(hub_folder)
+    with pytest.raises(CheckpointError, match="looks like a RADD text checkpoint"):  # RADD weights, SEDD loader
+        load_ddit(hub_folder / "model.safetensors", config="sedd-small")
     with pytest.raises(CheckpointError, match="missing keys"):  # a SEDD file given to the RADD loader
         load_radd(sedd / "model.safetensors", config=RADDConfig(vocab_size=65, hidden_size=32, n_heads=2, n_blocks=3))
 

@@ -136,12 +136,14 @@ def _read_folder(folder: Path) -> _Found:
 
 def is_radd_config(raw: dict) -> bool:
     """RADD's Hydra config (what its ``PyTorchModelHubMixin`` writes as config.json) nests ``tokens`` and ``model``
-    as SEDD's does; ``model.type: ddit_wot`` or a ``*radd`` model name tells it apart (both are in every model config
-    of the RADD repository; no hub file could be read here to confirm them)."""
+    as SEDD's does. It is told apart by ``model.type: ddit_wot`` or a ``*radd`` model name (in every model config
+    of the RADD repository), or else by the keys each network's ``__init__`` reads: RADD's ``model.dtype`` and
+    ``model.use_checkpoint``, never SEDD's ``model.scale_by_sigma`` (no hub file could be read here to confirm)."""
     model = raw.get("model")
     if "tokens" not in raw or not isinstance(model, dict):
         return False
-    return model.get("type") == RADD_MODEL_TYPE or str(model.get("name", "")).endswith("radd")
+    named = model.get("type") == RADD_MODEL_TYPE or str(model.get("name", "")).endswith("radd")
+    return named or ("scale_by_sigma" not in model and {"dtype", "use_checkpoint"} <= set(model))
 
 
 def _build_config(folder: Path, build) -> DDiTConfig:
