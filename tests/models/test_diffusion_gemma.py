@@ -155,6 +155,7 @@ def test_extractor_family_and_layers(folder, backbone) -> None:
 def test_large_model_refused_before_its_weights_are_read(tmp_path, monkeypatch) -> None:
     folder = save_tiny(tmp_path / "dg")
     count = sum(p.numel() for p in DiffusionGemmaForBlockDiffusion(tiny_config()).parameters())
+    assert large.meta_parameter_count(lambda: DiffusionGemmaForBlockDiffusion(tiny_config())) == count  # tied once
     (folder / "model.safetensors").write_bytes(b"not weights")  # would fail if it were read
     monkeypatch.setattr(large, "LARGE_PARAMS", count - 1)
     with pytest.raises(CheckpointError, match="allow_large: true") as err:
