@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from difffeat.data.registry import available_datasets
-from difffeat.models.base import DDPM, resolve_family
+from difffeat.models.base import DDPM, MASKED, resolve_family
 from difffeat.models.diffusers_dits import FLOW
+from difffeat.models.diffusion_gemma import UNIFORM
 from difffeat.models.sit import SIT_FLOW
 from difffeat.run.config import load_config
 
@@ -43,3 +44,15 @@ def test_config_times_are_in_its_backbones_convention(path):
     start = [s.image_start[1]] if s.image_start else []
     for t in [*cfg.extract.image_timesteps, *s.image_grid_timesteps, *start]:
         CONVENTIONS[family].check(t)
+
+
+TEXT_CONVENTIONS = {"ddit": MASKED, "radd": MASKED, "diffusion_gemma": UNIFORM}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).text.ddit], ids=lambda p: p.stem)
+def test_config_text_times_are_in_its_backbones_convention(path):
+    cfg = load_config(path)
+    family = resolve_family(cfg.text.ddit, "text", cfg.text.backbone)
+    s = cfg.search
+    for t in [*cfg.extract.text_timesteps, *s.text_grid_timesteps, *([s.text_start[1]] if s.text_start else [])]:
+        TEXT_CONVENTIONS[family].check(t)

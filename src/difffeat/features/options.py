@@ -36,6 +36,12 @@ def _device(value: str) -> str | None:
     return f"{value!r} is not a device; use auto, cpu, mps, cuda or cuda:N"
 
 
+def _device_map(value: str) -> str | None:
+    if re.fullmatch(r"auto|balanced|sequential|cpu|cuda(:\d+)?", value):
+        return None
+    return f"{value!r} is not a device map; use auto, balanced, sequential, cpu, cuda or cuda:N"
+
+
 @dataclass
 class ImageModelOptions(Options):
     """Where the image branch's diffusion transformer (and VAE) come from and how they are read.
@@ -100,11 +106,20 @@ class ImageModelOptions(Options):
 
 @dataclass
 class TextModelOptions(Options):
-    """Where the text branch's DDiT and tokenizer come from and how captions are tokenized."""
+    """Where the text branch's model and tokenizer come from and how captions are tokenized.
 
-    ddit: str | None = option(None, help="the text model: SEDD/MDLM hub id or folder, or our folder; none: no text")
+    As for images, the family options (``dtype``, ``device_map``, ``allow_large``) go to the family's loader; one
+    set on a family that does not take it is an error, not silently ignored.
+    """
+
+    ddit: str | None = option(
+        None, help="the text model: SEDD/MDLM/RADD/DiffusionGemma hub id or folder, or our folder; none: no text"
+    )
     backbone: str | None = option(
-        None, check=_family("text"), numbers=True, help="family: ddit (SEDD/MDLM); none: read from the source"
+        None,
+        check=_family("text"),
+        numbers=True,
+        help="family: ddit (SEDD/MDLM), radd, diffusion_gemma; none: read from the source",
     )
     tokenizer: str | None = option(None, help="AutoTokenizer id/folder or tokenizer.json; default: next to the model")
     name: str | None = option(None, help="short name in store keys and reports (default: from the path)")
@@ -114,6 +129,20 @@ class TextModelOptions(Options):
         choices=("none", "eos", "bos_eos"),
         numbers=True,
         help="special tokens around a caption; default by model kind",
+    )
+    dtype: str = option(
+        "float32",
+        choices=("float32", "bfloat16", "float16"),
+        numbers=True,
+        help="the weights' dtype (bfloat16 for the large ones)",
+    )
+    device_map: str | None = option(
+        None,
+        check=_device_map,
+        help="diffusion_gemma: transformers' weight placement (auto, cuda, cuda:N, cpu; needs accelerate)",
+    )
+    allow_large: bool = option(
+        False, help="radd, diffusion_gemma: load a model above the size limit (3B parameters, read from its config)"
     )
 
 

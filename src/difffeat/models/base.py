@@ -193,6 +193,8 @@ def describe(backbone: Backbone) -> Layers:
 _REGISTRY: dict[str, type | str] = {
     "dit": "difffeat.models.dit_adapter:DiTAdapter",
     "ddit": "difffeat.models.ddit_adapter:DDiTAdapter",
+    "radd": "difffeat.models.radd:RADDAdapter",
+    "diffusion_gemma": "difffeat.models.diffusion_gemma:DiffusionGemmaBackbone",
     "sit": "difffeat.models.sit:SiTBackbone",
     "pixart": "difffeat.models.diffusers_dits:PixArtBackbone",
     "sd3": "difffeat.models.diffusers_dits:SD3Backbone",

@@ -316,6 +316,8 @@ def sniff_format(keys: set[str] | Mapping[str, object]) -> str:
         return "an MDLM checkpoint (text DDiT with 'backbone.' prefix)"
     if has("vocab_embed") and has("sigma_map"):
         return "a SEDD / DDiT text checkpoint"
+    if has("vocab_embed") and has("blocks.0.norm1.bias"):
+        return "a RADD text checkpoint (a DDiT without time conditioning: backbone radd)"
     if has("transformer_blocks.") and has("pos_embed.proj"):
         return "a diffusers DiTTransformer2DModel state dict"
     if has("x_embedder.proj") and has("blocks."):

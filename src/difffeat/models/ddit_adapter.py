@@ -17,7 +17,8 @@ from torch import nn
 from difffeat.models.adapter import BlocksAdapter
 from difffeat.models.base import MASKED, Clean, hub_id_mentions
 from difffeat.models.ddit import DDiT
-from difffeat.models.ddit_load import load_ddit
+from difffeat.models.ddit_load import is_radd_config, load_ddit
+from difffeat.models.large import torch_dtype
 from difffeat.models.schedule import LogLinearSchedule
 from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
 
@@ -53,14 +54,15 @@ class DDiTAdapter(BlocksAdapter):
 
     @classmethod
     def recognises(cls, source: str) -> bool:
-        """A checkpoint file, our folder (``architecture: ddit``), an MDLM or SEDD hub folder, or a hub id
-        naming SEDD or MDLM."""
+        """A checkpoint file, our folder (``architecture: ddit``), an MDLM or SEDD hub folder (not RADD's, whose
+        config nests alike), or a hub id naming SEDD or MDLM."""
         path = Path(source)
         if path.is_file():
             return path.suffix in _WEIGHT_SUFFIXES
         if (path / "config.json").is_file():
             cfg = json.loads((path / "config.json").read_text())
-            return cfg.get("architecture") == "ddit" or cfg.get("model_type") == "mdlm" or "tokens" in cfg
+            sedd = "tokens" in cfg and not is_radd_config(cfg)
+            return cfg.get("architecture") == "ddit" or cfg.get("model_type") == "mdlm" or sedd
         return hub_id_mentions(source, "sedd", "mdlm")
 
     @classmethod
@@ -71,10 +73,11 @@ class DDiTAdapter(BlocksAdapter):
         tokenizer: str | TextTokenizer | None = None,
         add_special: str | None = None,
         max_length: int | None = None,
+        dtype: str = "float32",
     ) -> DDiTAdapter:
         """``tokenizer`` defaults to ``tokenizer.json`` beside our own models, else GPT-2's; its special tokens
-        default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS)."""
-        model = load_ddit(source)
+        default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS). ``dtype`` is the weights'."""
+        model = load_ddit(source).to(torch_dtype(dtype))
         if not isinstance(tokenizer, TextTokenizer):
             tokenizer = load_tokenizer(
                 tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind

@@ -24,6 +24,7 @@ from difffeat.models.checkpoints import (
 from difffeat.models.ddit import DDiT, DDiTConfig, rotary_inv_freq
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+RADD_MODEL_TYPE = "ddit_wot"  # RADD's configs/model/*_radd.yaml: "type: ddit_wot" (a DDiT "without time")
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading and saving
@@ -122,6 +123,8 @@ def _read_folder(folder: Path) -> _Found:
         return _Found(
             _strip_backbone(sd), "MDLM folder", config=_build_config(folder, lambda: _mdlm_config(raw)), mdlm=True
         )
+    if is_radd_config(raw):
+        raise CheckpointError(f"{folder} holds RADD (no time conditioning), not a SEDD/MDLM DDiT: use backbone radd")
     if "tokens" in raw and isinstance(raw.get("model"), dict):
         return _Found(sd, "SEDD folder", config=_build_config(folder, lambda: _sedd_config(raw)))
     raise CheckpointError(
@@ -129,6 +132,18 @@ def _read_folder(folder: Path) -> _Found:
         f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}; "
         f"the weights look like {sniff_format(sd)}"
     )
+
+
+def is_radd_config(raw: dict) -> bool:
+    """RADD's Hydra config (what its ``PyTorchModelHubMixin`` writes as config.json) nests ``tokens`` and ``model``
+    as SEDD's does. It is told apart by ``model.type: ddit_wot`` or a ``*radd`` model name (in every model config
+    of the RADD repository), or else by the keys each network's ``__init__`` reads: RADD's ``model.dtype`` and
+    ``model.use_checkpoint``, never SEDD's ``model.scale_by_sigma`` (no hub file could be read here to confirm)."""
+    model = raw.get("model")
+    if "tokens" not in raw or not isinstance(model, dict):
+        return False
+    named = model.get("type") == RADD_MODEL_TYPE or str(model.get("name", "")).endswith("radd")
+    return named or ("scale_by_sigma" not in model and {"dtype", "use_checkpoint"} <= set(model))
 
 
 def _build_config(folder: Path, build) -> DDiTConfig:
