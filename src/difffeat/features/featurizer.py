@@ -23,7 +23,13 @@ import torch
 from difffeat.features.extract import FeatureDict, ImageFeatureExtractor, TextFeatureExtractor
 from difffeat.models.base import Backbone, Layers, TimeConvention, describe, load_backbone
 from difffeat.models.common import resolve_indices
-from difffeat.models.massive import MASSIVE_OPTIONS, MassiveChannels, find_massive_channels
+from difffeat.models.massive import (
+    MASSIVE_OPTIONS,
+    USER_TAPS,
+    MassiveChannels,
+    calibration_tap,
+    find_massive_channels,
+)
 from difffeat.utils.runtime import resolve_device
 
 # The tiny models trained on the embedded demo data (``difffeat demo`` runs them); ``from_pretrained("demo")``.
@@ -137,15 +143,24 @@ class ImageFeaturizer(_Featurizer):
     assumed: :meth:`calibrate` finds them on a calibration batch and keeps them in ``massive_channels``.
     "normalise" keeps their spatial pattern at unit scale; its token mean is 0, so under plain mean pooling it
     equals "zero" and differs only for ``pool="none"`` or ``token_norm=True``.
+
+    ``tap="modulated"`` reads each block's input after its own first norm and AdaLN modulation instead of its
+    output (DiTF's recipe on FLUX); the massive channels are then found on, and suppressed in, the block's input
+    before that norm.
     """
 
     modality = "image"
 
-    def __init__(self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none") -> None:
+    def __init__(
+        self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none", tap: str = "output"
+    ) -> None:
         if massive not in MASSIVE_OPTIONS:
             raise ValueError(f"massive must be one of {MASSIVE_OPTIONS}, got {massive!r}")
+        if tap not in USER_TAPS:
+            raise ValueError(f"tap must be one of {USER_TAPS}, got {tap!r}")
         super().__init__(extractor, bf16)
         self.massive = massive
+        self.tap = tap
         self.massive_channels: dict[int, list[int]] = {}  # 0-based block -> channels, filled by calibrate()
 
     @classmethod
@@ -159,6 +174,7 @@ class ImageFeaturizer(_Featurizer):
         bf16: bool = False,
         compile: bool = False,
         massive: str = "none",
+        tap: str = "output",
         **options: Any,
     ) -> ImageFeaturizer:
         """Load ``source``: ``"demo"``, an official checkpoint file, a diffusers folder or hub id, or our folder.
@@ -170,10 +186,11 @@ class ImageFeaturizer(_Featurizer):
         SiT (``backbone="sit"``: no file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
         FLUX / generic ``diffusers`` ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both":
         the token streams of an MMDiT block), ``dtype`` ("bfloat16" for the large ones), ``guidance``,
-        ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``.
+        ``shift``, ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``. ``massive``
+        and ``tap``: see the class docstring.
         """
         adapter = cls._load(source, backbone, device, {"vae": vae, **options})
-        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16, massive=massive)
+        return cls(ImageFeatureExtractor(adapter, compile=compile), bf16=bf16, massive=massive, tap=tap)
 
     def calibrate(
         self, images: Any = None, *, blocks: Sequence[int], timesteps: Sequence[float], k: float = 100.0, **options: Any
@@ -183,7 +200,7 @@ class ImageFeaturizer(_Featurizer):
         (:func:`~difffeat.models.massive.find_massive_channels`). ``options``: ``latents``, ``seed``,
         ``class_label``, ``captions``, as for a call."""
         _asked_keys(blocks, timesteps)
-        tokens = self._extract(images, blocks, timesteps, pool="none", **options)
+        tokens = self._extract(images, blocks, timesteps, pool="none", tap=calibration_tap(self.tap), **options)
         found: dict[int, set[int]] = {}
         for (block, _), x in tokens.items():
             found.setdefault(block, set()).update(find_massive_channels(x, k))
@@ -191,7 +208,7 @@ class ImageFeaturizer(_Featurizer):
         return self.massive_channels
 
     def _call_options(self, blocks: Sequence[int]) -> dict[str, Any]:
-        return {"massive": self._suppression(blocks)}
+        return {"massive": self._suppression(blocks), "tap": self.tap}
 
     def _suppression(self, blocks: Sequence[int]) -> MassiveChannels | None:
         if self.massive == "none":
