@@ -149,8 +149,9 @@ def test_massive_zero_with_the_modulated_tap_zeroes_the_channel_before_the_norm(
     # [1, 2, 3, 0]: mean 1.5, variance (0.25 + 0.25 + 2.25 + 2.25) / 4 = 1.25; LayerNorm eps 1e-6
     expected = torch.tensor([-0.5, 0.5, 1.5, -1.5]) / (1.25 + 1e-6) ** 0.5
     torch.testing.assert_close(ours.flatten(), expected, rtol=0, atol=1e-6)
-    after = MassiveChannels({0: [3]}, "zero").apply(0, one_token_dit().forward_intermediates(x, 0, None, [0],
-                                                                                             tap="modulated")[0])
+    after = MassiveChannels({0: [3]}, "zero").apply(
+        0, one_token_dit().forward_intermediates(x, 0, None, [0], tap="modulated")[0]
+    )
     assert (after.flatten() - expected).abs().max() > 0.3  # zeroing after the norm is another feature
 
 
@@ -188,13 +189,15 @@ def expanded(cond: dict, n: int = 2) -> dict:
 def test_pixart_modulated_tap_is_what_attn1_reads_and_stops_inside_the_block(roots):
     backbone = load_diffusers_backbone(roots["pixart"], max_sequence_length=TEXT_LEN)
     x, t = latents(), 400
-    kwargs = {"hidden_states": x, "timestep": torch.tensor([t, t]), "added_cond_kwargs": {"resolution": None,
-              "aspect_ratio": None}, **expanded(empty_prompt(PixArtSigmaPipeline, roots["pixart"], "pixart"))}  # fmt: skip
+    added = {"resolution": None, "aspect_ratio": None}
+    cond = expanded(empty_prompt(PixArtSigmaPipeline, roots["pixart"], "pixart"))
+    kwargs = {"hidden_states": x, "timestep": torch.tensor([t, t]), "added_cond_kwargs": added, **cond}
     blocks = backbone.module.transformer_blocks
     reference = run_hooked({i: b.attn1 for i, b in enumerate(blocks)}, "input",
                            lambda: backbone.module(**kwargs, return_dict=False))  # fmt: skip
-    attn_calls = block_calls([b.attn1 for b in blocks], lambda: backbone.forward_intermediates(x, t, [0, 1],
-                                                                                               tap="modulated"))
+    attn_calls = block_calls(
+        [b.attn1 for b in blocks], lambda: backbone.forward_intermediates(x, t, [0, 1], tap="modulated")
+    )
     assert attn_calls == Counter({0: 1}), "block 1's attention ran although only its modulated input was asked for"
     ours = backbone.forward_intermediates(x, t, [0, 1], tap="modulated")
     for i in (0, 1):
@@ -258,8 +261,9 @@ def test_flux_modulated_tap_equals_double_and_single_block_norms(roots, stream):
     joint = reference[(3, "joint")]  # [text; image] through the single block's AdaLayerNormZeroSingle
     single = {"image": joint[:, TEXT_LEN:], "text": joint[:, :TEXT_LEN], "both": joint}[stream]
     torch.testing.assert_close(ours[3], single, rtol=0, atol=ATOL)
-    calls = block_calls([b for _, b in backbone._blocks], lambda: backbone.forward_intermediates(x, t, [2],
-                                                                                                 tap="modulated"))
+    calls = block_calls(
+        [b for _, b in backbone._blocks], lambda: backbone.forward_intermediates(x, t, [2], tap="modulated")
+    )
     assert calls == Counter({0: 1, 1: 1, 2: 1})  # block 2 entered, stopped in its norm; block 3 never
 
 

@@ -191,10 +191,17 @@ def numbers_fields(obj: Any, scope: str | None = None) -> dict[str, Any]:
         value = getattr(obj, f.name)
         if is_options(type(value)):
             out.update({f"{f.name}.{k}": v for k, v in numbers_fields(value, scope).items()})
-        elif (numbers := f.metadata.get("numbers")) is True or (numbers and scope in (numbers, "all")):
-            if f.metadata.get("keyed_default", True) or value != f.default:
-                out[f.name] = value
+        elif _keyed(f, value, scope):
+            out[f.name] = value
     return out
+
+
+def _keyed(f: Field, value: Any, scope: str | None) -> bool:
+    """Whether field ``f`` holding ``value`` is part of the fingerprint in ``scope``."""
+    numbers = f.metadata.get("numbers")
+    if not (numbers is True or (numbers and scope in (numbers, "all"))):
+        return False
+    return f.metadata.get("keyed_default", True) or value != f.default
 
 
 def digest(obj: Any, length: int = 16) -> str:
