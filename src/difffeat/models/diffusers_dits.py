@@ -41,8 +41,9 @@ from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 
 FLOW = TimeConvention(
     "flow", 0.0, 1.0, 0.0, False,
-    "rectified-flow time t in [0, 1]: t = 0 clean, t = 1 pure noise; x_t = (1 - s) x0 + s eps with s the model's "
-    "shifted sigma(t) (shift from its scheduler config); the network is fed 1000 s",
+    "rectified-flow time t in [0, 1]: t = 0 clean, t = 1 pure noise; x_t = (1 - s) x0 + s eps with s = sigma(t) "
+    "shifted as the model's scheduler config says (static shift t / (1 + (shift - 1) t); FLUX.1-dev: dynamic, "
+    "by image tokens) or by the shift option; the network is fed 1000 s (FLUX: s)",
 )  # fmt: skip
 STREAMS = ("image", "text", "both")
 FLUX_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, what FLUX.1-dev's guidance embedding reads
