@@ -1,7 +1,8 @@
 """Every extraction option is settable from the CLI and changes the store key exactly when it changes the numbers.
 
 The options every family reads are walked on a tiny DiT and DDiT; the family options on the family that takes
-them: a tiny SD3 pipeline (with a planted massive-activation channel) and the tiny DiT read as a SiT.
+them: a tiny SD3 pipeline (with a planted massive-activation channel), a tiny FLUX.1-dev pipeline (guidance) and the
+tiny DiT read as a SiT.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-from tests.models.tiny_pipelines import TEXT_LEN, plant_massive_channel, save_sd3
+from tests.models.tiny_pipelines import TEXT_LEN, plant_massive_channel, save_flux, save_sd3
 
 from difffeat.run.config import RunConfig, apply_overrides
 from difffeat.run.pipeline import Experiment
@@ -40,6 +41,7 @@ ALTERNATIVES = {
     "image.class_label": 0,
     "image.image_size": 32,  # the tiny pixel DiT's own size: spelling out the default changes nothing
     "image.sample_posterior": False,  # no VAE, so no posterior: changes nothing
+    "image.tap": "modulated",
     "text.max_length": 4,
     "text.add_special": "eos",
     "image.backbone": "dit",  # what the folder says: spelling it out changes nothing
@@ -55,7 +57,13 @@ FAMILIES = {
             "image.dtype": "bfloat16",
             "image.max_sequence_length": 8,
             "image.massive": "zero",  # the planted channel is found and zeroed
+            "image.shift": 1.0,  # unshifted: the scheduler's is 3.0
         },
+        (1, 0.25),
+    ),
+    "flux": (
+        ["extract.modalities=[image]", f"image.max_sequence_length={TEXT_LEN}"],
+        {"image.guidance": 5.0},
         (1, 0.25),
     ),
     "sit": (["extract.modalities=[image]", "image.backbone=sit"], {"image.path": "gvp"}, (1, 0.5)),
@@ -81,6 +89,11 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     return plant_massive_channel(save_sd3(tmp_path_factory.mktemp("sd3") / "sd3"), channel=3)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return save_flux(tmp_path_factory.mktemp("flux") / "flux")
 
 
 def base_config(models) -> RunConfig:
@@ -135,8 +148,10 @@ def test_each_extraction_option_changes_the_store_key_exactly_when_it_changes_th
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_option_changes_the_store_key_exactly_when_it_changes_the_numbers(tmp_path, models, sd3, family):
+def test_each_family_option_changes_the_store_key_exactly_when_it_changes_the_numbers(
+    tmp_path, models, sd3, flux, family
+):
     settings, alternatives, cell = FAMILIES[family]
-    source = sd3 if family == "sd3" else models[0]
+    source = {"sd3": sd3, "flux": flux}.get(family, models[0])
     base = apply_overrides(base_config(models), [f"image.dit={source}", *settings])
     assert not (wrong := walk(base, alternatives, {"image": cell}, tmp_path)), wrong

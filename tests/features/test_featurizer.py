@@ -242,3 +242,26 @@ def test_a_random_model_has_no_massive_channels_and_bad_modes_are_refused(tiny_f
     assert f.calibrate(_images32(4), blocks=[0, 2], timesteps=[50]) == {0: [], 2: []}
     with pytest.raises(ValueError, match=r"massive must be one of \('none', 'zero', 'normalise'\)"):
         ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu", massive="clip")
+
+
+def test_modulated_tap_finds_the_massive_channels_on_block_inputs_and_zeroes_them_before_the_norm(tiny_folders):
+    f = ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu", massive="zero", tap="modulated")
+    model = f.backbone.module
+    with torch.no_grad():
+        model.x_embedder.proj.bias[7] += 1000.0  # channel 7 of every block's input, as in planted_f
+    assert f.calibrate(_images32(4), blocks=[1], timesteps=[0, 100]) == {1: [7]}
+    x, ids = _images32(3), ["p", "q", "r"]
+    x0 = images_to_tensor(x, 32)
+    xt = DDPMSchedule().q_sample(x0, 100, per_sample_randn(x0.shape[1:], ids, 2, 100))
+    seen = {}  # block 1's input and conditioning in the untouched forward
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(h=args[0], c=args[1]))
+    with torch.no_grad():
+        model(xt, torch.full((3,), 100), torch.full((3,), model.null_class))
+        handle.remove()
+        h = seen["h"].clone()
+        h[..., 7] = 0
+        expected = model.blocks[1].modulated_input(h, seen["c"]).mean(dim=1)
+    ours = f(x, blocks=[1], timesteps=[100], ids=ids, seed=2)[(1, 100)]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tap must be one of \('output', 'modulated'\)"):
+        ImageFeaturizer.from_pretrained(tiny_folders[0], device="cpu", tap="input")

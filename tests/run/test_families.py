@@ -126,6 +126,22 @@ def test_an_option_the_family_does_not_take_is_refused(roots, tmp_path):
         Experiment(cfg).depth("image")
 
 
+@pytest.mark.slow
+def test_modulated_tap_run_finds_the_massive_channels_on_block_inputs_and_keys_its_features_apart(roots, tmp_path):
+    """The planted channel enters the residual stream in block 0's MLP: block 0's input does not carry it, block 2's
+    does. With ``image.tap: modulated`` the channels are found where they are suppressed, on the block inputs."""
+    settings = [f"image.dit={roots['sd3']}", "image.massive=zero", "extract.modalities=[image]",
+                "search.image_grid_timesteps=[0.5]"]  # fmt: skip
+    modulated = Experiment(config(tmp_path / "modulated", *settings, "image.tap=modulated"))
+    assert modulated.massive([0, 2]).channels.channels == {0: [], 2: [MASSIVE]}
+    output = Experiment(config(tmp_path / "output", *settings))
+    assert output.massive([0, 2]).channels.channels == {0: [MASSIVE], 2: [MASSIVE]}
+    keys = [exp.key("image", (2, 0.5), "train") for exp in (modulated, output)]
+    assert keys[0].variant != keys[1].variant
+    modulated.ensure("image", [2], [0.5], ["train"])
+    assert modulated.store.meta(keys[0])["config"]["model"]["tap"] == "modulated"  # recorded with the entry
+
+
 def test_an_unknown_family_is_one_line_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"image.backbone.*: 'sdxl' is not an image backbone; choose from dit, sit, "):
         apply_overrides(RunConfig(), ["image.backbone=sdxl"])

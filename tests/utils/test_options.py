@@ -63,6 +63,19 @@ def test_the_fingerprint_follows_exactly_the_numbers_fields_of_its_scope():
     assert set(numbers_fields(Toy(), scope="all")) == {"size", "kind"}
 
 
+@dataclass
+class Later(Options):
+    size: int = option(3, numbers=True)
+    added: str = option("old", numbers=True, keyed_default=False)  # a field added after stores were written
+
+
+def test_a_field_added_with_keyed_default_false_keeps_the_keys_written_before_it():
+    assert numbers_fields(Later()) == {"size": 3}
+    assert numbers_fields(Later(added="new")) == {"size": 3, "added": "new"}
+    assert not {"tap", "guidance", "shift"} & set(numbers_fields(ImageModelOptions()))  # the defaults key nothing
+    assert numbers_fields(ImageModelOptions(tap="modulated"))["tap"] == "modulated"
+
+
 def test_from_dict_names_where_the_unknown_key_or_bad_value_is():
     with pytest.raises(OptionError, match=r"cfg.yaml.toy: unknown key\(s\) \['sise'\]"):
         from_dict(Toy, {"sise": 3}, "cfg.yaml.toy")

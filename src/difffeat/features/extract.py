@@ -27,7 +27,7 @@ from torch import nn
 
 from difffeat.models.base import Clean, ImageBackbone, TextBackbone, adapt
 from difffeat.models.common import resolve_indices
-from difffeat.models.massive import MassiveChannels
+from difffeat.models.massive import TAPS, MassiveChannels
 from difffeat.utils.runtime import autocast, to_device
 
 IMAGE_POOLS = ("mean", "none")
@@ -109,7 +109,9 @@ class _Run:
     """How one call reads its features (the same for every forward of the call): the keyword options both
     extractors take besides what they read, with their only defaults. ``massive`` (a
     ``models.massive.MassiveChannels``) suppresses each block's massive-activation channels before token
-    normalisation and pooling."""
+    normalisation and pooling. ``tap`` (image backbones; ``models.massive.TAPS``) is where a block's tokens are
+    read: its output, or its input after its own norm and AdaLN modulation (``"modulated"``, whose massive
+    channels the backbone suppresses on the block's input, before that norm)."""
 
     pool: str = "mean"
     token_norm: bool = False
@@ -118,10 +120,13 @@ class _Run:
     bf16: bool = False
     fuse_timesteps: bool = False
     massive: MassiveChannels | None = None
+    tap: str = "output"
 
-    def check(self, pools: tuple[str, ...]) -> _Run:
+    def check(self, pools: tuple[str, ...], taps: tuple[str, ...] = ("output",)) -> _Run:
         if self.pool not in pools:
             raise ValueError(f"pool {self.pool!r} is not one of {pools}")
+        if self.tap not in taps:
+            raise ValueError(f"tap {self.tap!r} is not one of {taps} (a text backbone is read at block outputs)")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
         return self
@@ -180,10 +185,12 @@ class _Extractor:
         tt = to_device(torch.cat([bb.model_time(t, n) for t, _ in group]), dev)
         mask = None if x0.mask is None else to_device(x0.mask, dev).repeat(k, 1)
         rows = {name: c.repeat(k, *([1] * (c.dim() - 1))) for name, c in cond.items()}
+        inside = run.tap == "modulated"  # the backbone suppresses the massive channels before the block's norm
+        tap = {} if run.tap == "output" else {"tap": run.tap, "massive": run.massive if inside else None}
         with autocast(dev, run.bf16):
-            feats = _forward(bb.forward_intermediates, self.compiled, xt, tt, blocks, mask=mask, **rows)
+            feats = _forward(bb.forward_intermediates, self.compiled, xt, tt, blocks, mask=mask, **tap, **rows)
         for b, tokens in feats.items():
-            tokens = tokens if run.massive is None else run.massive.apply(b, tokens)
+            tokens = tokens if run.massive is None or inside else run.massive.apply(b, tokens)
             pooled = _pool(_normalise_tokens(tokens, run.token_norm), mask, run.pool)
             for (t, draw), f in zip(group, pooled.split(n), strict=True):
                 yield b, t, draw, f
@@ -196,7 +203,7 @@ class ImageFeatureExtractor(_Extractor):
     for a bare model, ``vae`` is a diffusers ``AutoencoderKL`` (latent models) or None (pixel-space models: the
     image itself, in [-1, 1] at the model's input size, is ``x0``), and ``adapter_options`` (``image_size``,
     ``sample_posterior``) go to the adapter. ``compile`` wraps the blocks in ``torch.compile``. A call's ``run``
-    options (``pool``, ``token_norm``, ``seed``, ``ensemble``, ``bf16``, ``fuse_timesteps``, ``massive``) are
+    options (``pool``, ``token_norm``, ``seed``, ``ensemble``, ``bf16``, ``fuse_timesteps``, ``massive``, ``tap``) are
     ``_Run``'s fields, shared with the text extractor.
     """
 
@@ -234,7 +241,7 @@ class ImageFeatureExtractor(_Extractor):
     ) -> FeatureDict:
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images or latents=")
-        run = _Run(**run_options).check(IMAGE_POOLS)
+        run = _Run(**run_options).check(IMAGE_POOLS, TAPS)
         blocks, times = self._request(blocks, timesteps)
         x0 = self.encode(images, ids, run.seed, keep_on_device=True) if latents is None else latents
         x0 = Clean(to_device(x0.float(), self.device))

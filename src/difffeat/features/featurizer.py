@@ -23,7 +23,13 @@ import torch
 from difffeat.features.extract import FeatureDict, ImageFeatureExtractor, TextFeatureExtractor
 from difffeat.models.base import Backbone, Layers, TimeConvention, describe, load_backbone
 from difffeat.models.common import resolve_indices
-from difffeat.models.massive import MASSIVE_OPTIONS, MassiveChannels, find_massive_channels
+from difffeat.models.massive import (
+    MASSIVE_OPTIONS,
+    USER_TAPS,
+    MassiveChannels,
+    calibration_tap,
+    find_massive_channels,
+)
 from difffeat.utils.runtime import resolve_device
 
 # The tiny models trained on the embedded demo data (``difffeat demo`` runs them); ``from_pretrained("demo")``.
@@ -130,7 +136,7 @@ class _Featurizer:
         ``backbone`` names the family (``difffeat.models.base.families(modality)``) when the source does not
         tell. ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
         autocast; ``compile`` wraps the blocks in ``torch.compile``. ``options`` go to the family's loader, except
-        the featurizer's own (``own_options``: the image side's ``massive``).
+        the featurizer's own (``own_options``: the image side's ``massive`` and ``tap``).
         """
         own = {name: options.pop(name) for name in cls.own_options if name in options}
         source = DEMO_MODELS[cls.modality] if str(source) == "demo" else source
@@ -165,19 +171,27 @@ class ImageFeaturizer(_Featurizer):
     other loader options: DiT ``numerics``, ``image_size``, ``sample_posterior``; SiT (``backbone="sit"``: no
     file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 / FLUX / generic ``diffusers``
     ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both": the token streams of an MMDiT
-    block), ``dtype`` ("bfloat16" for the large ones), ``guidance``, ``max_sequence_length``, and for
-    ``diffusers`` ``null_condition`` / ``fixed_inputs``. It also takes ``massive`` (above).
+    block), ``dtype`` ("bfloat16" for the large ones), ``guidance``, ``shift``, ``max_sequence_length``, and for
+    ``diffusers`` ``null_condition`` / ``fixed_inputs``. It also takes ``massive`` (above) and ``tap``.
+    ``tap="modulated"`` reads each block's input after its own first norm and AdaLN modulation instead of its
+    output (DiTF's recipe on FLUX); the massive channels are then found on, and suppressed in, the block's input
+    before that norm.
     """
 
     modality = "image"
     extractor_class = ImageFeatureExtractor
-    own_options = ("massive",)
+    own_options = ("massive", "tap")
 
-    def __init__(self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none") -> None:
+    def __init__(
+        self, extractor: ImageFeatureExtractor, bf16: bool = False, massive: str = "none", tap: str = "output"
+    ) -> None:
         if massive not in MASSIVE_OPTIONS:
             raise ValueError(f"massive must be one of {MASSIVE_OPTIONS}, got {massive!r}")
+        if tap not in USER_TAPS:
+            raise ValueError(f"tap must be one of {USER_TAPS}, got {tap!r}")
         super().__init__(extractor, bf16)
         self.massive = massive
+        self.tap = tap
         self.massive_channels: dict[int, list[int]] = {}  # 0-based block -> channels, filled by calibrate()
 
     def calibrate(
@@ -188,7 +202,7 @@ class ImageFeaturizer(_Featurizer):
         (:func:`~difffeat.models.massive.find_massive_channels`). ``options``: ``latents``, ``seed``,
         ``class_label``, ``captions``, as for a call."""
         _asked_keys(blocks, timesteps)
-        tokens = self._extract(images, blocks, timesteps, pool="none", **options)
+        tokens = self._extract(images, blocks, timesteps, pool="none", tap=calibration_tap(self.tap), **options)
         found: dict[int, set[int]] = {}
         for (block, _), x in tokens.items():
             found.setdefault(block, set()).update(find_massive_channels(x, k))
@@ -196,7 +210,7 @@ class ImageFeaturizer(_Featurizer):
         return self.massive_channels
 
     def _call_options(self, blocks: Sequence[int]) -> dict[str, Any]:
-        return {"massive": self._suppression(blocks)}
+        return {"massive": self._suppression(blocks), "tap": self.tap}
 
     def _suppression(self, blocks: Sequence[int]) -> MassiveChannels | None:
         if self.massive == "none":

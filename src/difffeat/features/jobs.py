@@ -29,7 +29,7 @@ from difffeat.data.core import DataError, Split, load_image
 from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
 from difffeat.features.store import EntryKey, FeatureStore, ids_digest
 from difffeat.models.common import resolve_indices
-from difffeat.models.massive import MassiveChannels, find_massive_channels
+from difffeat.models.massive import MassiveChannels, calibration_tap, find_massive_channels
 from difffeat.models.vae import images_to_tensor
 from difffeat.utils.distributed import barrier, rank_zero_first
 from difffeat.utils.options import digest, numbers_fields
@@ -384,6 +384,7 @@ def calibrate_massive(
         tokens = extractor(
             latents=latents, blocks=[block], timesteps=list(times), pool="none", seed=extract_options.seed, ids=ids,
             class_label=model.class_label, captions=captions, bf16=extract_options.bf16,
+            tap=calibration_tap(model.tap),
         )  # fmt: skip
         found[block] = sorted({c for x in tokens.values() for c in find_massive_channels(x)})
     return found
@@ -521,6 +522,7 @@ def extract_image_split(
                 class_label=model.class_label,
                 captions=None if captions is None else captions[b0:b1],
                 massive=None if massive is None else massive.channels,
+                tap=model.tap,
                 keep_on_device=True,
                 **_run_options(extract_options, extract_options.pool),
             )

@@ -46,8 +46,8 @@ def _device_map(value: str) -> str | None:
 class ImageModelOptions(Options):
     """Where the image branch's diffusion transformer (and VAE) come from and how they are read.
 
-    The family options (``path``, ``condition``, ``stream``, ``dtype``, ``max_sequence_length``) go to the
-    family's loader; one set on a family that does not take it is an error, not silently ignored.
+    The family options (``path``, ``condition``, ``stream``, ``dtype``, ``max_sequence_length``, ``guidance``,
+    ``shift``) go to the family's loader; one set on a family that does not take it is an error, not silently ignored.
     """
 
     dit: str | None = option(
@@ -101,6 +101,27 @@ class ImageModelOptions(Options):
         choices=("none", "zero", "normalise"),
         numbers=True,
         help="massive-activation channels (found per block on train rows) kept, zeroed or normalised",
+    )
+    tap: str = option(
+        "output",
+        choices=("output", "modulated"),
+        numbers=True,
+        keyed_default=False,
+        help="a block's feature: its output, or its input after the block's own norm and AdaLN modulation (DiTF)",
+    )
+    guidance: float | None = option(
+        None,
+        min=0,
+        numbers=True,
+        keyed_default=False,
+        help="flux: the guidance embedding's value; none: FluxPipeline's 3.5 (schnell has no guidance embedder)",
+    )
+    shift: float | None = option(
+        None,
+        min=0.001,
+        numbers=True,
+        keyed_default=False,
+        help="sd3, flux: static flow shift replacing the scheduler's; none: the scheduler config's own",
     )
 
 

@@ -17,6 +17,14 @@ A family is one small adapter class (DiT, SiT, PixArt, SD3, FLUX, the text DDiTs
 
 Times are given to a family in its own convention and never converted silently: a DDPM index 100 and a flow
 time 0.1 are different things, and configs, store keys and reports carry the convention's name beside them.
+How a user's time becomes the model's noise level, per convention: ``ddpm`` (DiT, PixArt) is the index into the
+1000-step beta schedule itself; ``flow`` (SD3, FLUX) is the unshifted flow time t, mapped to the model's sigma by
+its scheduler config's shift (static ``shift t / (1 + (shift - 1) t)``; FLUX.1-dev's resolution-dependent one) or by
+the ``shift`` option; ``sit-flow`` (SiT) is fed unchanged (t = 1 clean; SiT has no shift); ``masked`` (SEDD, MDLM) is
+step/1000 on the log-linear schedule.
+
+``forward_intermediates(..., tap=...)`` of the image families also reads a block's AdaLN-modulated input instead
+of its output (:data:`difffeat.models.massive.TAPS`).
 
 Pooling, token normalisation, ensembles and fused timesteps are the extractor's business, identical for every
 family; an adapter only says how its model is fed and where its blocks are.

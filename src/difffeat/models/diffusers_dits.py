@@ -35,15 +35,18 @@ from difffeat.models.adapter import ModuleAdapter
 from difffeat.models.base import DDPM, Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import resolve_indices
+from difffeat.models.massive import TAPS, MassiveChannels
 from difffeat.models.schedule import per_sample_randn
 from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 
 FLOW = TimeConvention(
     "flow", 0.0, 1.0, 0.0, False,
-    "rectified-flow time t in [0, 1]: t = 0 clean, t = 1 pure noise; x_t = (1 - s) x0 + s eps with s the model's "
-    "shifted sigma(t) (shift from its scheduler config); the network is fed 1000 s",
+    "rectified-flow time t in [0, 1]: t = 0 clean, t = 1 pure noise; x_t = (1 - s) x0 + s eps with s = sigma(t) "
+    "shifted as the model's scheduler config says (static shift t / (1 + (shift - 1) t); FLUX.1-dev: dynamic, "
+    "by image tokens) or by the shift option; the network is fed 1000 s (FLUX: s)",
 )  # fmt: skip
 STREAMS = ("image", "text", "both")
+FLUX_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, what FLUX.1-dev's guidance embedding reads
 CONDITIONS = ("null", "caption")
 
 
@@ -147,7 +150,8 @@ class DiffusersBackbone(ModuleAdapter):
         fixed_inputs: dict[str, Any] | None = None,
         prompts: _PromptEncoder | None = None,
         stream: str = "image",
-        guidance: float = 3.5,
+        guidance: float | None = None,
+        shift: float | None = None,
     ) -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
@@ -161,8 +165,13 @@ class DiffusersBackbone(ModuleAdapter):
         self.fixed_inputs = fixed_inputs or {}
         self.prompts = prompts
         self.stream = stream
-        self.guidance = guidance
+        self.guidance = _guidance(transformer, guidance, self.family)
         self.time: TimeConvention = FLOW if "FlowMatch" in scheduler_config.get("_class_name", "") else DDPM
+        if shift is not None and self.time is not FLOW:
+            raise ValueError(f"shift={shift}: this {self.family} model has DDPM time, which has no flow shift")
+        self.shift = shift
+        self.flow_schedule = scheduler_config if shift is None else {**scheduler_config, "shift": shift,
+                                                                     "use_dynamic_shifting": False}  # fmt: skip
         self._blocks = [
             (f"{attr}.{i}", b) for attr in self.spec.block_lists for i, b in enumerate(_list(transformer, attr))
         ]
@@ -196,7 +205,8 @@ class DiffusersBackbone(ModuleAdapter):
         condition: str = "null",
         stream: str = "image",
         dtype: str | torch.dtype = "float32",
-        guidance: float = 3.5,
+        guidance: float | None = None,
+        shift: float | None = None,
         max_sequence_length: int | None = None,
         null_condition: dict[str, torch.Tensor] | None = None,
         fixed_inputs: dict[str, Any] | None = None,
@@ -208,6 +218,11 @@ class DiffusersBackbone(ModuleAdapter):
         ``condition="caption"``. ``dtype`` ("float32", "bfloat16", "float16") is the weights' dtype: a 12B FLUX
         needs bfloat16 to fit one GPU. ``vae`` replaces the pipeline's own. The generic adapter takes no text
         encoders: pass ``null_condition`` / ``fixed_inputs`` yourself.
+
+        ``guidance`` is the value FLUX.1-dev's guidance embedding reads (None: ``FluxPipeline``'s default 3.5); a
+        model without a guidance embedder (FLUX.1-schnell, every other family) refuses one. ``shift`` replaces a
+        flow model's scheduler shift by a static one, ``s = shift t / (1 + (shift - 1) t)`` (None: the scheduler
+        config's own, static for SD3, resolution-dependent for FLUX.1-dev).
         """
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
@@ -227,7 +242,7 @@ class DiffusersBackbone(ModuleAdapter):
         return cls(
             transformer, scheduler, vae, image_size=image_size, sample_posterior=sample_posterior,
             null_condition=null_condition, fixed_inputs=fixed_inputs, prompts=prompts, stream=stream,
-            guidance=guidance,
+            guidance=guidance, shift=shift,
         )  # fmt: skip
 
     # --- what the featurizer asks -------------------------------------------------------------------------------
@@ -271,7 +286,7 @@ class DiffusersBackbone(ModuleAdapter):
     def sigma(self, t: float, x0: torch.Tensor) -> float:
         """Flow noise level s(t) for latents shaped like ``x0`` (FLUX's dynamic shift depends on its size)."""
         tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)  # FLUX packs 2x2 latent patches into one token
-        return flow_sigma(float(t), self.scheduler_config, image_seq_len=tokens)
+        return flow_sigma(float(t), self.flow_schedule, image_seq_len=tokens)
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The time in this model's convention; ``forward_intermediates`` turns it into the network's input
@@ -298,21 +313,23 @@ class DiffusersBackbone(ModuleAdapter):
         t: torch.Tensor | float,
         blocks: Sequence[int],
         mask: torch.Tensor | None = None,
+        *,
+        tap: str = "output",
+        massive: MassiveChannels | None = None,
         **cond: Any,
     ) -> dict[int, torch.Tensor]:
-        """Tokens ``[N, T, D]`` after each asked block (the ``stream`` chosen), stopping after the deepest one."""
+        """Tokens ``[N, T, D]`` of each asked block (the ``stream`` chosen) at ``tap``
+        (:data:`~difffeat.models.massive.TAPS`), stopping at the deepest one: after it for its output, inside its
+        first norm for its input or modulated input (``massive`` then suppresses the input's channels first)."""
+        if tap not in TAPS:
+            raise ValueError(f"tap must be one of {TAPS}, got {tap!r}")
         wanted = resolve_indices(blocks, self.depth)
         out: dict[int, torch.Tensor] = {}
-
-        def capture(index: int):
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                out[index] = self._select(output, index)
-                if index == wanted[-1]:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self._blocks[i][1].register_forward_hook(capture(i)) for i in wanted]
+        if tap == "output":
+            handles = [self._blocks[i][1].register_forward_hook(self._output_hook(i, wanted, out)) for i in wanted]
+        else:
+            taps = [_NormTap(self, i, wanted[-1], tap, massive, out) for i in wanted]  # each checks its block first
+            handles = [h for norm_tap in taps for h in norm_tap.install()]
         try:
             self.module(**self.model_inputs(x, t, cond), return_dict=False)
         except _StopForward:
@@ -321,6 +338,14 @@ class DiffusersBackbone(ModuleAdapter):
             for handle in handles:
                 handle.remove()
         return out
+
+    def _output_hook(self, index: int, wanted: list[int], out: dict[int, torch.Tensor]):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out[index] = self._select(output, index)
+            if index == wanted[-1]:
+                raise _StopForward
+
+        return hook
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each block's forward: the hooks that capture and stop stay outside the graph, and
@@ -354,6 +379,114 @@ class DiffusersBackbone(ModuleAdapter):
         if text is None:  # SD3's last block updates only the image tokens (context_pre_only)
             raise ValueError(f"block {index} ({self._blocks[index][0]}) outputs no text tokens; ask an earlier block")
         return text if self.stream == "text" else torch.cat([text, image], dim=1)
+
+
+_ADALN_NORMS = ("AdaLayerNormZero", "AdaLayerNormZeroSingle", "SD35AdaLayerNormZeroX", "AdaLayerNormContinuous",
+                 "AdaLayerNorm")  # fmt: skip  # diffusers norms that return the modulated tokens (first)
+
+
+class _NormTap:
+    """Reads one block's input tokens, or its AdaLN-modulated input, from pre-hooks on the norms that read them,
+    leaving diffusers' forward as it is (the modulation is recomputed beside it, on the suppressed input).
+
+    A block's input norms, by stream: ``image`` (``norm1``), ``text`` (``norm1_context`` of an MMDiT / FLUX
+    double-stream block) or ``joint`` (a FLUX single-stream block's ``norm``, over ``[text; image]``). They are
+    diffusers' adaLN norms (called with the block's own ``temb`` / timestep, as the block calls them), or, for
+    PixArt's ``ada_norm_single`` blocks, a plain LayerNorm followed by the block's inline
+    ``norm1(x) * (1 + scale_msa) + shift_msa`` with ``scale_shift_table + timestep``, recomputed here.
+    """
+
+    def __init__(
+        self,
+        backbone: DiffusersBackbone,
+        index: int,
+        deepest: int,
+        tap: str,
+        massive: MassiveChannels | None,
+        out: dict[int, torch.Tensor],
+    ) -> None:
+        self.name, self.block = backbone._blocks[index]
+        self.index, self.deepest, self.tap, self.massive, self.out = index, deepest, tap, massive, out
+        self.stream = backbone.stream if backbone.spec.joint else "image"
+        self.norms = self._norms(backbone)
+        self.block_kwargs: dict[str, Any] = {}
+        self.seen: dict[str, tuple[nn.Module, tuple, dict]] = {}
+
+    def _norms(self, backbone: DiffusersBackbone) -> dict[str, nn.Module]:
+        """The norms to hook, by stream part, for the stream read; a clear error where there is no adaLN norm."""
+        block = self.block
+        context = getattr(block, "norm1_context", None)
+        if isinstance(getattr(block, "norm1", None), nn.Module):
+            parts = {"image": block.norm1, "text": context} if backbone.spec.joint else {"image": block.norm1}
+        else:
+            parts = {"joint" if backbone.spec.joint else "image": getattr(block, "norm", None)}
+        if "joint" not in parts:
+            parts = {p: parts[p] for p in (("text", "image") if self.stream == "both" else (self.stream,))}
+        for part, norm in parts.items():
+            if not self._adaln(norm):
+                raise ValueError(
+                    f"tap={self.tap!r} (image.tap: modulated) needs an adaLN norm before block {self.index} "
+                    f"({self.name}, {type(block).__name__}) of this {backbone.family} model; its {part} tokens' norm "
+                    f"is {type(norm).__name__}: read tap='output' instead"
+                )
+        return parts
+
+    def _adaln(self, norm: nn.Module | None) -> bool:
+        if norm is None:
+            return False
+        single = getattr(self.block, "norm_type", None) == "ada_norm_single" and norm is self.block.norm1
+        return single or type(norm).__name__ in _ADALN_NORMS
+
+    def install(self) -> list[Any]:
+        handles = [self.block.register_forward_pre_hook(self._on_block, with_kwargs=True)]
+        for part, norm in self.norms.items():
+            handles.append(norm.register_forward_pre_hook(self._on_norm(part), with_kwargs=True))
+        return handles
+
+    def _on_block(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.block_kwargs, self.seen = kwargs, {}
+
+    def _on_norm(self, part: str):
+        def hook(norm: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.seen[part] = (norm, args, kwargs)
+            if len(self.seen) == len(self.norms):
+                self.out[self.index] = self._read()
+                if self.index == self.deepest:
+                    raise _StopForward
+
+        return hook
+
+    def _read(self) -> torch.Tensor:
+        """The stream's input tokens ``[text; image]``, suppressed and modulated piece by piece (every step is
+        per token, with per-sample modulation, so pieces of one norm's input may be modulated apart)."""
+        pieces = self._pieces()
+        x = torch.cat([p for _, _, _, p in pieces], dim=1)
+        if self.tap == "input":
+            return x
+        if self.massive is not None:
+            x = self.massive.apply(self.index, x)
+        chunks = x.split([p.shape[1] for _, _, _, p in pieces], dim=1)
+        return torch.cat([self._modulate(n, a, k, c) for (n, a, k, _), c in zip(pieces, chunks, strict=True)], dim=1)
+
+    def _pieces(self) -> list[tuple[nn.Module, tuple, dict, torch.Tensor]]:
+        """(norm, its call's other arguments, its kwargs, input tokens) for each piece of the stream, text first."""
+        if "joint" not in self.seen:
+            return [(n, a[1:], k, a[0]) for n, a, k in (self.seen[p] for p in ("text", "image") if p in self.seen)]
+        norm, args, kwargs = self.seen["joint"]
+        text_len = self.block_kwargs["encoder_hidden_states"].shape[1]
+        joint = args[0]
+        piece = {"image": joint[:, text_len:], "text": joint[:, :text_len], "both": joint}[self.stream]
+        return [(norm, args[1:], kwargs, piece)]
+
+    def _modulate(self, norm: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
+        """``norm``'s modulated output for input ``x`` (``forward`` itself: the hooks do not fire again)."""
+        if type(norm).__name__ in _ADALN_NORMS:
+            out = norm.forward(x, *args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+        timestep = self.block_kwargs["timestep"]
+        table = self.block.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
+        shift_msa, scale_msa = table.chunk(6, dim=1)[:2]
+        return norm.forward(x) * (1 + scale_msa) + shift_msa
 
 
 class PixArtBackbone(DiffusersBackbone):
@@ -407,7 +540,7 @@ class FluxBackbone(DiffusersBackbone):
             "txt_ids": torch.zeros(text_len, 3, device=x.device, dtype=x.dtype),
             **cond,
         }
-        if self.module.config.guidance_embeds:
+        if self.guidance is not None:
             inputs["guidance"] = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
         return inputs
 
@@ -415,6 +548,19 @@ class FluxBackbone(DiffusersBackbone):
 ADAPTERS: dict[str, type[DiffusersBackbone]] = {
     c.family: c for c in (PixArtBackbone, SD3Backbone, FluxBackbone, DiffusersBackbone)
 }
+
+
+def _guidance(transformer: nn.Module, guidance: float | None, family: str) -> float | None:
+    """The guidance value a transformer with a guidance embedder reads (FluxPipeline's default when None), None
+    for one without; a value given to a model without one is an error, not silently dropped."""
+    if getattr(transformer.config, "guidance_embeds", False):
+        return FLUX_GUIDANCE if guidance is None else float(guidance)
+    if guidance is not None:
+        raise ValueError(
+            f"guidance={guidance}: this {family} transformer has no guidance embedder (FLUX.1-schnell and the "
+            "non-FLUX models take none); leave image.guidance unset"
+        )
+    return None
 
 
 def _default_image_size(transformer: nn.Module, vae: Any) -> int:

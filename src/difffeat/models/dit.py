@@ -16,7 +16,7 @@ Shapes: N batch, C channels, T = (input_size / patch_size)² tokens, D hidden si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difffeat.models.common import resolve_indices, timestep_embedding
+from difffeat.models.massive import TAPS
 
 NUMERICS = ("official", "diffusers")
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
@@ -213,6 +214,12 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
+    def modulated_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """What the attention reads, ``modulate(norm1(x), shift_msa, scale_msa)``, without running the attention
+        or the MLP."""
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
 
 class FinalLayer(nn.Module):
     """adaLN (shift, then scale) → Linear to p·p·out_channels per token."""
@@ -289,18 +296,33 @@ class DiT(nn.Module):
         return self._unpatchify(self.final_layer(h, c))
 
     def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | int | None, blocks: int | Sequence[int]
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int,
+        y: torch.Tensor | int | None,
+        blocks: int | Sequence[int],
+        tap: str = "output",
+        suppress: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Residual stream ``[N, T, D]`` after each requested block, keyed 0..depth-1.
+        """Tokens ``[N, T, D]`` of each requested block, keyed 0..depth-1: its output (``tap="output"``), its
+        input (``"input"``), or its input through ``suppress(block, tokens)`` (when given), ``norm1`` and its
+        attention's adaLN modulation (``"modulated"``, see :data:`difffeat.models.massive.TAPS`).
 
-        Blocks after the deepest one requested never run: feature extraction from early blocks costs only them.
+        Blocks after the deepest one requested never run (for an input tap, neither does that one): feature
+        extraction from early blocks costs only them.
         """
+        if tap not in TAPS:
+            raise ValueError(f"tap must be one of {TAPS}, got {tap!r}")
         wanted = resolve_indices(blocks, self.depth)
         h, c = self._embed(x, t, y)
         out: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[: wanted[-1] + 1]):
+            if index in wanted and tap != "output":
+                out[index] = h if tap == "input" else block.modulated_input(_suppressed(suppress, index, h), c)
+                if index == wanted[-1]:
+                    break
             h = block(h, c)
-            if index in wanted:
+            if index in wanted and tap == "output":
                 out[index] = h
         return out
 
@@ -332,6 +354,12 @@ class DiT(nn.Module):
         n, g, p, ch = tokens.shape[0], self.config.grid_size, self.config.patch_size, self.config.out_channels
         x = tokens.reshape(n, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, ch, g * p, g * p)
+
+
+def _suppressed(
+    suppress: Callable[[int, torch.Tensor], torch.Tensor] | None, block: int, tokens: torch.Tensor
+) -> torch.Tensor:
+    return tokens if suppress is None else suppress(block, tokens)
 
 
 def _per_sample(value: torch.Tensor | int | float, n: int, name: str, device: torch.device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from difffeat.models.adapter import BlocksAdapter
 from difffeat.models.base import DDPM, Clean, hub_id_mentions
 from difffeat.models.dit import DiT
 from difffeat.models.dit_load import load_dit
+from difffeat.models.massive import MassiveChannels
 from difffeat.models.schedule import DDPMSchedule, per_sample_randn
 from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
 
@@ -121,10 +122,21 @@ class DiTAdapter(BlocksAdapter):
         return {"y": torch.full((n,), label, dtype=torch.long, device=self.device)}
 
     def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        blocks: list[int],
+        mask: torch.Tensor | None = None,
+        *,
+        tap: str = "output",
+        massive: MassiveChannels | None = None,
+        **cond: Any,
     ) -> dict[int, torch.Tensor]:
-        """Residual stream ``[N, T, D]`` after each asked block; ``y`` defaults to the null class."""
-        return self.module.forward_intermediates(x, self._module_time(t, x), cond.get("y"), blocks)
+        """Tokens ``[N, T, D]`` of each asked block at ``tap`` (:data:`~difffeat.models.massive.TAPS`; for
+        ``"modulated"``, ``massive`` suppresses the block input's channels before its norm); ``y`` defaults to the
+        null class."""
+        suppress = None if massive is None else massive.apply
+        return self.module.forward_intermediates(x, self._module_time(t, x), cond.get("y"), blocks, tap, suppress)
 
     def _module_time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``t`` as the network reads it: for a DiT the DDPM index itself (SiT overrides this)."""

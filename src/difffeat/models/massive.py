@@ -14,6 +14,22 @@ import torch
 
 SUPPRESS_MODES = ("zero", "normalise")
 
+# Where a block's feature is read (``forward_intermediates(tap=...)`` of the image families):
+#   output     the block's output tokens (the residual stream after it); massive channels are suppressed on them;
+#   modulated  the block's input after its own first norm (LayerNorm without affine) and AdaLN modulation
+#              ``(1 + scale) * x + shift`` from the conditioning, what its attention reads (DiTF's features); the
+#              massive channels are suppressed on the block's input, before that norm;
+#   input      the block's input tokens themselves: what the massive channels of a modulated tap are found on.
+TAPS = ("output", "modulated", "input")
+USER_TAPS = TAPS[:2]
+
+
+def calibration_tap(tap: str) -> str:
+    """The tap whose tokens the massive channels of ``tap`` are suppressed on, so are found on."""
+    if tap not in TAPS:
+        raise ValueError(f"tap must be one of {USER_TAPS}, got {tap!r}")
+    return "input" if tap == "modulated" else tap
+
 
 def find_massive_channels(tokens: torch.Tensor, k: float = 100.0) -> list[int]:
     """Channels of ``tokens [N, T, D]`` whose largest magnitude over the batch exceeds ``k`` x the median magnitude

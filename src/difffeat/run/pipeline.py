@@ -85,7 +85,7 @@ DEFAULT_TIMES: dict[str, list[int | float]] = {
 PIXEL_BASELINE_SIZE = 32
 MASSIVE_CALIBRATION_ROWS = 16  # train rows the massive channels are measured on (they stand out on every image)
 SOURCE_FIELDS = {"dit", "ddit", "backbone", "name"}  # a model section's fields that say which model, not how
-PIPELINE_FIELDS = {"class_label", "massive"}  # read by the extraction jobs, not by the family's loader
+PIPELINE_FIELDS = {"class_label", "massive", "tap"}  # read by the extraction jobs, not by the family's loader
 
 
 def load_data(cfg: RunConfig) -> Dataset:

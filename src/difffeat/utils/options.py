@@ -49,11 +49,15 @@ def option(
     max: float | None = None,
     numbers: bool | str = False,
     check: Check | None = None,
+    keyed_default: bool = True,
 ) -> Any:
     """A dataclass field with its help, allowed values or range (for lists: of every item), a ``check`` of the whole
-    value (None is always allowed where the type allows it), and whether it changes the numbers."""
+    value (None is always allowed where the type allows it), and whether it changes the numbers.
+
+    ``keyed_default=False`` leaves a numbers-changing field out of the fingerprint while it holds its default: a
+    field added after stores were written, whose default reproduces what they hold, keeps their keys valid."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
-            "numbers": numbers, "check": check}  # fmt: skip
+            "numbers": numbers, "check": check, "keyed_default": keyed_default}  # fmt: skip
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -187,9 +191,17 @@ def numbers_fields(obj: Any, scope: str | None = None) -> dict[str, Any]:
         value = getattr(obj, f.name)
         if is_options(type(value)):
             out.update({f"{f.name}.{k}": v for k, v in numbers_fields(value, scope).items()})
-        elif (numbers := f.metadata.get("numbers")) is True or (numbers and scope in (numbers, "all")):
+        elif _keyed(f, value, scope):
             out[f.name] = value
     return out
+
+
+def _keyed(f: Field, value: Any, scope: str | None) -> bool:
+    """Whether field ``f`` holding ``value`` is part of the fingerprint in ``scope``."""
+    numbers = f.metadata.get("numbers")
+    if not (numbers is True or (numbers and scope in (numbers, "all"))):
+        return False
+    return f.metadata.get("keyed_default", True) or value != f.default
 
 
 def digest(obj: Any, length: int = 16) -> str:
