@@ -49,11 +49,15 @@ def option(
     max: float | None = None,
     numbers: bool | str = False,
     check: Check | None = None,
+    keyed_at_default: bool = True,
 ) -> Any:
     """A dataclass field with its help, allowed values or range (for lists: of every item), a ``check`` of the whole
-    value (None is always allowed where the type allows it), and whether it changes the numbers."""
+    value (None is always allowed where the type allows it), and whether it changes the numbers.
+
+    ``keyed_at_default=False`` is for a numbers option added after artefacts were stored: at its default it stays
+    out of :func:`numbers_fields` (so of every fingerprint), so what was stored before it existed keeps its key."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
-            "numbers": numbers, "check": check}  # fmt: skip
+            "numbers": numbers, "check": check, "keyed_at_default": keyed_at_default}  # fmt: skip
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -181,10 +185,12 @@ def to_dict(obj: Any) -> dict:
 
 def numbers_fields(obj: Any, scope: str | None = None) -> dict[str, Any]:
     """The fields of ``obj`` that change the numbers (in ``scope``; ``"all"``: in any scope), nested options
-    flattened with dots."""
+    flattened with dots; those declared ``keyed_at_default=False`` only when set away from their default."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if not f.metadata.get("keyed_at_default", True) and value == f.default:
+            continue
         if is_options(type(value)):
             out.update({f"{f.name}.{k}": v for k, v in numbers_fields(value, scope).items()})
         elif (numbers := f.metadata.get("numbers")) is True or (numbers and scope in (numbers, "all")):
