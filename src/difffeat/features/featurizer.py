@@ -166,8 +166,9 @@ class ImageFeaturizer(_Featurizer):
         ``backbone`` names the family (``difffeat.models.base.families("image")``) when the source does not
         tell. ``vae`` (a diffusers ``AutoencoderKL``, folder or hub id) defaults to the pipeline's own.
         ``device``: "auto" (CUDA when present), "cpu", "cuda:1"...; ``bf16`` runs the forwards under bf16
-        autocast. ``options`` go to the family's loader: DiT ``numerics``, ``image_size``, ``sample_posterior``;
-        SiT (``backbone="sit"``: no file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
+        autocast. ``options`` go to the family's loader: DiT ``numerics``, ``image_size``, ``sample_posterior``,
+        ``vae_dtype`` ("bfloat16": the VAE's weights in bf16, faster on GPUs); SiT (``backbone="sit"``: no file
+        tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 /
         FLUX / generic ``diffusers`` ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both":
         the token streams of an MMDiT block), ``dtype`` ("bfloat16" for the large ones), ``guidance``,
         ``max_sequence_length``, and for ``diffusers`` ``null_condition`` / ``fixed_inputs``.
