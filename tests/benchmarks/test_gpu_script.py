@@ -98,5 +98,6 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_next_one_runs(tmp_
     (failed, _), (slow, _), (ok, _) = run("dit"), run("input"), run("vae")
     assert failed["status"] == "error" and "ZeroDivisionError" in failed["error"]
     assert slow["status"] == "error" and "timed out" in slow["error"] and slow["rows"] == [{"kept": 1}]
+    assert (tmp_path / "parts" / "input.json").exists()  # in OUT: a run killed from outside brings its rows back
     assert slow["seconds"] < 30
     assert ok == {"fine": True, "status": "ok", "seconds": ok["seconds"]}
