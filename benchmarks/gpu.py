@@ -505,7 +505,7 @@ def profile_table(ctx: Context, fn: Callable[[], object], title: str, top: int =
     wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     if cuda:
-        kernels = [(e.key, e.count, _device_us(e)) for e in events if _device_us(e) > 0 and _is_kernel(e)]
+        kernels = [(e.key, e.count, e.device_time_total) for e in events if _is_kernel(e) and e.device_time_total > 0]
     else:
         kernels = [(e.key, e.count, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
     busy_us = sum(us for _, _, us in kernels)
@@ -523,11 +523,6 @@ def profile_table(ctx: Context, fn: Callable[[], object], title: str, top: int =
             "host_syncs": syncs, "host_syncs_note": "one cudaDeviceSynchronize is the profiled call's own end",
             "top": [{"kernel": n[:120], "kind": kernel_kind(n), "calls": c, "ms": round(us / 1e3, 3),
                      "share": round(us / busy_us, 3)} for n, c, us in kernels[:top]]}  # fmt: skip
-
-
-def _device_us(event) -> float:
-    """Device time of a kernel's profiler row (``device_time_total``; ``cuda_time_total`` on older torch)."""
-    return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0)
 
 
 def _is_kernel(event) -> bool:
