@@ -42,6 +42,7 @@ ALTERNATIVES = {
     "image.image_size": 32,  # the tiny pixel DiT's own size: spelling out the default changes nothing
     "image.sample_posterior": False,  # no VAE, so no posterior: changes nothing
     "image.tap": "modulated",
+    "image.vae_dtype": "bfloat16",  # no VAE: changes nothing (tests/models/test_vae.py walks it with one)
     "text.max_length": 4,
     "text.add_special": "eos",
     "image.backbone": "dit",  # what the folder says: spelling it out changes nothing

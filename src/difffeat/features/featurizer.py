@@ -171,7 +171,8 @@ class ImageFeaturizer(_Featurizer):
     other loader options: DiT ``numerics``, ``image_size``, ``sample_posterior``; SiT (``backbone="sit"``: no
     file tells it from a DiT) also ``path`` (its interpolant); PixArt / SD3 / FLUX / generic ``diffusers``
     ``condition`` ("null" or "caption"), ``stream`` ("image", "text", "both": the token streams of an MMDiT
-    block), ``dtype`` ("bfloat16" for the large ones), ``guidance``, ``shift``, ``max_sequence_length``, and for
+    block), ``dtype`` ("bfloat16" for the large ones), ``guidance``, ``shift``, ``max_sequence_length``, DiT/SiT
+    ``vae_dtype`` ("bfloat16": the VAE in bf16, faster on GPUs), and for
     ``diffusers`` ``null_condition`` / ``fixed_inputs``. It also takes ``massive`` (above) and ``tap``.
     ``tap="modulated"`` reads each block's input after its own first norm and AdaLN modulation instead of its
     output (DiTF's recipe on FLUX); the massive channels are then found on, and suppressed in, the block's input

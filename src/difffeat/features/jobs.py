@@ -250,8 +250,8 @@ def entry_fingerprint(
 def effective_options(model: ImageModelOptions | TextModelOptions, extractor) -> ImageModelOptions | TextModelOptions:
     """The model options with their defaults replaced by what ``extractor`` actually uses (the family, image size,
     posterior sampling, SiT path, max length, special tokens), so leaving an option at its default and spelling
-    the default out share one entry, and an option that has no effect on this model (posterior sampling without
-    a VAE) changes nothing."""
+    the default out share one entry, and an option that has no effect on this model (posterior sampling or the
+    VAE's dtype without a VAE) changes nothing."""
     backbone = extractor.backbone
     if isinstance(model, ImageModelOptions):
         sample = bool(getattr(extractor.encoder, "sample", False))
@@ -259,6 +259,7 @@ def effective_options(model: ImageModelOptions | TextModelOptions, extractor) ->
         return replace(
             model, backbone=backbone.family, image_size=extractor.image_size, sample_posterior=sample,
             path=path.name if path is not None else None,
+            vae_dtype=model.vae_dtype if extractor.encoder is not None else "float32",
         )  # fmt: skip
     return replace(
         model, backbone=backbone.family, max_length=extractor.max_length, add_special=extractor.tokenizer.add_special

@@ -46,8 +46,9 @@ def _device_map(value: str) -> str | None:
 class ImageModelOptions(Options):
     """Where the image branch's diffusion transformer (and VAE) come from and how they are read.
 
-    The family options (``path``, ``condition``, ``stream``, ``dtype``, ``max_sequence_length``, ``guidance``,
-    ``shift``) go to the family's loader; one set on a family that does not take it is an error, not silently ignored.
+    The family options (``vae_dtype``, ``path``, ``condition``, ``stream``, ``dtype``, ``max_sequence_length``,
+    ``guidance``, ``shift``) go to the family's loader; one set on a family that does not take it is an error, not
+    silently ignored.
     """
 
     dit: str | None = option(
@@ -74,6 +75,14 @@ class ImageModelOptions(Options):
     )
     sample_posterior: bool = option(
         True, numbers=True, help="latent_dist.sample() with per-sample seeds (DiT's training) or its mean"
+    )
+    vae_dtype: str = option(
+        "float32",
+        choices=("float32", "bfloat16"),
+        numbers=True,
+        keyed_default=False,
+        help="dit, sit: the VAE's weights' dtype for the latents (bfloat16: faster on GPUs, latents within bf16 "
+        "rounding); the diffusers families load it in image.dtype",
     )
     path: str | None = option(
         None, choices=("linear", "gvp", "vp"), numbers=True, help="sit: the interpolant it was trained with"
@@ -155,6 +164,7 @@ class TextModelOptions(Options):
         "float32",
         choices=("float32", "bfloat16", "float16"),
         numbers=True,
+        keyed_default=False,
         help="the weights' dtype (bfloat16 for the large ones)",
     )
     device_map: str | None = option(

@@ -21,7 +21,7 @@ from difffeat.models.dit import DiT
 from difffeat.models.dit_load import load_dit
 from difffeat.models.massive import MassiveChannels
 from difffeat.models.schedule import DDPMSchedule, per_sample_randn
-from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
+from difffeat.models.vae import LatentEncoder, cast_vae, images_to_tensor, load_vae
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _DIFFUSERS_CLASS = "DiTTransformer2DModel"
@@ -83,11 +83,13 @@ class DiTAdapter(BlocksAdapter):
         numerics: str | None = None,
         image_size: int | None = None,
         sample_posterior: bool = True,
+        vae_dtype: str | None = None,
     ) -> DiTAdapter:
         """``vae``: a diffusers ``AutoencoderKL`` (module, folder or hub id); by default the pipeline's own
-        ``vae/`` for a diffusers pipeline folder or hub id, none for a pixel-space DiT (3 input channels)."""
+        ``vae/`` for a diffusers pipeline folder or hub id, none for a pixel-space DiT (3 input channels).
+        ``vae_dtype`` ("float32", "bfloat16"; None: a module's own, float32 for a folder) is its weights' dtype."""
         model = load_dit(source, numerics=numerics)
-        vae = resolve_vae(vae, source, model.config.in_channels)
+        vae = cast_vae(resolve_vae(vae, source, model.config.in_channels), vae_dtype)
         return cls(model, vae, image_size=image_size, sample_posterior=sample_posterior)
 
     # ---- the five questions ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from difffeat.models.dit import DiT, DiTConfig
 from difffeat.models.dit_adapter import DiTAdapter, resolve_vae
 from difffeat.models.dit_load import load_dit
 from difffeat.models.schedule import per_sample_randn
+from difffeat.models.vae import cast_vae
 
 SIT_FLOW = TimeConvention(
     "sit-flow", 0.0, 1.0, 1.0, False,
@@ -100,13 +101,15 @@ class SiTBackbone(DiTAdapter):
         *,
         vae: str | nn.Module | None = None,
         path: str = "linear",
+        vae_dtype: str | None = None,
         **options: Any,
     ) -> SiTBackbone:
         """An official SiT checkpoint (see :func:`load_sit`) with its SD-VAE (``vae=``: a diffusers
         ``AutoencoderKL`` module, folder or hub id such as ``stabilityai/sd-vae-ft-ema``; no checkpoint file
-        carries one). ``options``: ``image_size``, ``sample_posterior`` as for a DiT."""
+        carries one). ``vae_dtype``, and ``options`` (``image_size``, ``sample_posterior``), as for a DiT."""
         model = load_sit(source, path=path).module
         vae = resolve_vae(vae, source, model.config.in_channels, family="SiT", pipeline=False)
+        vae = cast_vae(vae, vae_dtype)
         return cls(model, vae, path=path, **options)
 
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:

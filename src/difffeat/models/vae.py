@@ -17,6 +17,7 @@ from difffeat.models.schedule import per_sample_randn
 from difffeat.utils.runtime import to_device
 
 SD_VAE_SCALE = 0.18215
+VAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # not float16: SD-VAEs can overflow in it
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
@@ -67,6 +68,18 @@ def load_vae(source: str | Path, subfolder: str | None = None, dtype: torch.dtyp
             "config.json + diffusion_pytorch_model.* (e.g. a download of stabilityai/sd-vae-ft-ema)"
         ) from exc
     return vae.eval().requires_grad_(False)
+
+
+def cast_vae(vae, dtype: str | None):
+    """``vae`` with its weights in ``dtype`` (a :data:`VAE_DTYPES` name; None: as it is). In bfloat16 the encoder
+    runs on a GPU's bf16 tensor cores, which is what bounds a latent cache there (benchmarks/README.md, GPU
+    session); its latents then differ from the float32 ones by bf16 rounding, so the dtype is part of their key."""
+    if vae is None or dtype is None:
+        return vae
+    if dtype not in VAE_DTYPES:
+        raise ValueError(f"vae_dtype must be one of {sorted(VAE_DTYPES)}, got {dtype!r}")
+    # nn.Module's own .to: diffusers' override warns about modules to keep in fp32 even where a VAE has none
+    return torch.nn.Module.to(vae, VAE_DTYPES[dtype])
 
 
 class LatentEncoder:

@@ -185,7 +185,7 @@ def to_dict(obj: Any) -> dict:
 
 def numbers_fields(obj: Any, scope: str | None = None) -> dict[str, Any]:
     """The fields of ``obj`` that change the numbers (in ``scope``; ``"all"``: in any scope), nested options
-    flattened with dots."""
+    flattened with dots; those declared ``keyed_default=False`` only when set away from their default."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
