@@ -45,6 +45,7 @@ ALTERNATIVES = {
     "image.vae_dtype": "bfloat16",  # no VAE: changes nothing (tests/models/test_vae.py walks it with one)
     "text.max_length": 4,
     "text.add_special": "eos",
+    "text.dtype": "bfloat16",
     "image.backbone": "dit",  # what the folder says: spelling it out changes nothing
     "text.backbone": "ddit",
 }
@@ -70,6 +71,8 @@ FAMILIES = {
     "sit": (["extract.modalities=[image]", "image.backbone=sit"], {"image.path": "gvp"}, (1, 0.5)),
 }
 NOT_WALKED = {
+    "text.device_map": "weight placement of diffusion_gemma only (tests/models/test_diffusion_gemma.py)",
+    "text.allow_large": "a permission to load, not a setting of the numbers (tests/run/test_text_families.py)",
     "extract.compile": "needs a C++ compiler; test_perf_options checks compiled features equal plain ones",
     "extract.modalities": "which branches run, not how",
     "image.dit": "a model source: identified by content (tests/run/test_trust.py swaps the weights)",
