@@ -4,7 +4,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from difffeat.run.summary import CLEAR_MARGIN, _still_improving_note, claims, skipped_records, still_improving
+from difffeat.run.summary import (
+    CLEAR_MARGIN,
+    IMAGE_MARGIN,
+    _still_improving_note,
+    claims,
+    skipped_records,
+    still_improving,
+)
 
 GRIDS = {"image": ([0, 1, 2], [0, 100, 500, 999]), "text": ([0, 1], [0, 250, 750])}
 
@@ -26,13 +33,26 @@ def results(fused=70.0, image=50.0, text=60.0, pixels=40.0, random_init=45.0, ra
     return {name: {"mAP": v} for name, v in named.items()}
 
 
+def curve(image_lead_at_100=10.0, text_lead_at_100=5.0):
+    """A label-efficiency curve whose leads over the baselines at 1000 labels are 5 (image) and 3 (text)."""
+    return {
+        "image": {"100": 30 + image_lead_at_100, "1000": 50.0},
+        "pixels": {"100": 25.0, "1000": 45.0},
+        "random_init_image": {"100": 30.0, "1000": 40.0},
+        "text": {"100": 40 + text_lead_at_100, "1000": 60.0},
+        "random_init_text": {"100": 40.0, "1000": 57.0},
+    }
+
+
 def test_a_working_run_passes_every_check():
-    out = claims(results(), search(), tables(), GRIDS, "mAP")
+    out = claims(results(), search(), tables(), GRIDS, "mAP", curve=curve())
     assert out == {
-        "fused_above_image_and_text": True,
-        f"image_above_pixels_by_{CLEAR_MARGIN:g}": True,
-        f"image_above_random_init_image_by_{CLEAR_MARGIN:g}": True,
+        "fused_above_every_other_row": True,
+        f"image_above_pixels_by_{IMAGE_MARGIN:g}": True,
+        f"image_above_random_init_image_by_{IMAGE_MARGIN:g}": True,
         f"text_above_random_init_text_by_{CLEAR_MARGIN:g}": True,
+        "image_lead_grows_with_fewer_labels": True,
+        "text_lead_grows_with_fewer_labels": True,
         "image_best_t_below_grid_max": True,
         "text_best_step_at_low_noise": True,
         "image_search_within_0.5_of_grid": True,
@@ -48,18 +68,37 @@ def test_each_failure_is_reported():
         tables(image_best=(2, 3), text_best=(0, 2)),  # image best at t = 999, text best at step 750
         GRIDS,
         "mAP",
+        curve=curve(image_lead_at_100=5.0, text_lead_at_100=2.0),  # leads shrink (5 -> 5 is not growth; 3 -> 2)
     )
     assert not any(out.values()), out
+
+
+def test_fused_must_beat_the_baselines_too():
+    """A baseline or ablation row above the fused head fails the check, as image or text above it does."""
+    out = claims(results(random_text=75.0), search(), tables(), GRIDS, "mAP")
+    assert out["fused_above_every_other_row"] is False
+    res = results()
+    res["concat"] = {"mAP": 70.5}
+    assert claims(res, search(), tables(), GRIDS, "mAP")["fused_above_every_other_row"] is False
+
+
+def test_a_curve_without_two_sizes_of_every_row_is_undecided():
+    partial = curve()
+    partial["pixels"]["100"] = None  # fewer train rows than asked for
+    partial["random_init_text"] = {"1000": 57.0}
+    out = claims(results(), search(), tables(), GRIDS, "mAP", curve=partial)
+    assert out["image_lead_grows_with_fewer_labels"] is None and out["text_lead_grows_with_fewer_labels"] is None
+    assert claims(results(), search(), tables(), GRIDS, "mAP")["image_lead_grows_with_fewer_labels"] is None
 
 
 def test_the_fused_head_cannot_carry_the_image_checks_and_missing_runs_are_undecided():
     res = results(fused=90.0, image=41.0)  # text makes the fused head strong; image features are not
     out = claims(res, search(), tables(), GRIDS, "mAP")
-    assert out[f"image_above_pixels_by_{CLEAR_MARGIN:g}"] is False
+    assert out[f"image_above_pixels_by_{IMAGE_MARGIN:g}"] is False
     del res["pixels"]
     partial = {"image": np.where(np.eye(3, 4, dtype=bool), 50.0, np.nan)}  # search mode: only visited cells
     out = claims(res, search(), partial, GRIDS, "mAP")
-    assert out[f"image_above_pixels_by_{CLEAR_MARGIN:g}"] is None
+    assert out[f"image_above_pixels_by_{IMAGE_MARGIN:g}"] is None
     assert "image_search_within_0.5_of_grid" not in out and out["image_best_t_below_grid_max"] is True
 
 

@@ -128,6 +128,11 @@ class FusionOptions(TrainOptions):
         choices=("pixels", "random_init"),
         help="reference heads: raw pixels, same architecture with random weights",
     )
+    curve_sizes: list[int] = option(
+        default_factory=list,
+        min=1,
+        help="labeled-set sizes of the label-efficiency curve (every head refitted on that many train rows)",
+    )
     search_width: int = option(512, min=1, numbers="search", help="width of the fused fits the local search scores")
     search_epochs: int = option(40, min=1, numbers="search", help="epochs of those fits")
 

@@ -12,6 +12,7 @@ can be run one by one. The run folder holds:
     search_cache.json      memo of evaluations, so a resumed search costs nothing twice
     heads/                 the trained fusion, ablation and baseline heads, each with <name>.json
     results.json           test metrics of every head
+    label_efficiency.json  test score of every head refitted on fewer labels (``fusion.curve_sizes``)
     metrics.json           the machine-readable summary; report.html, *.png: the report
 
 Outputs come from the config, never from what happened to be on disk: every cached artefact (id lists, latents,
@@ -62,7 +63,7 @@ from difffeat.models.common import resolve_indices
 from difffeat.models.massive import MassiveChannels
 from difffeat.models.vae import center_crop_arr
 from difffeat.run.config import ConfigError, RunConfig, check_run, config_changes, register_demo, save_config
-from difffeat.run.summary import chosen_cells
+from difffeat.run.summary import CURVE_FILE, chosen_cells
 from difffeat.search import SearchResult, local_search
 from difffeat.utils import distributed
 from difffeat.utils.identity import source_identity
@@ -621,6 +622,47 @@ def step_evaluate(exp: Experiment, heads: dict[str, FusionResult]) -> dict[str, 
     return results
 
 
+def step_curve(exp: Experiment, sizes: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    """The label-efficiency curve: ``{head: {str(n): test score}}`` of every head refitted on ``n`` train rows.
+
+    Pretrained features earn their keep when labels are few: a curve over labeled-set sizes shows whether their
+    lead over pixels and random-init features grows as labels get fewer, which one table at one size cannot. Each
+    point refits the same head (same inputs, cells and recipe as :func:`step_fit`) on the first ``n`` train rows
+    (scenes are independent draws, so a prefix is a random subset, and the subsets are nested) and keeps the full
+    validation split for model selection. The cells stay those chosen with all train labels: the curve isolates
+    how the features respond to fewer labels, not how the search does. A size above the train split's gives None.
+    Points are kept per head with that head's fingerprint, so a rerun refits only what changed.
+    """
+    path = exp.out / CURVE_FILE
+    done = json.loads(path.read_text()) if path.exists() else {}
+    cells = chosen_cells(exp.out)
+    y_train, y_val, y_test = exp.targets("train"), exp.targets("val"), exp.targets("test")
+    specs = _head_specs(exp, cells)
+    for name, (inputs, overrides) in progress(specs.items(), desc="label-efficiency curve"):
+        options = exp.fusion_options(**overrides)
+        fingerprint = exp.fingerprint(("train", "val", "test"), head=name, cells=cells, fusion=numbers_fields(options))
+        entry = done.get(name, {})
+        points = entry.get("points", {}) if entry.get("fingerprint") == fingerprint else {}
+        todo = [n for n in sizes if str(n) not in points]
+        if todo:
+            train, val, test = ([get(s) for get in inputs] for s in ("train", "val", "test"))
+        for n in todo:
+            if n > len(y_train):
+                points[str(n)] = None
+                continue
+            head = fit_fusion([x[:n] for x in train], y_train[:n], val, y_val, options)
+            points[str(n)] = _test_score(exp, head.predict(test), y_test)
+        done[name] = {"fingerprint": fingerprint, "points": points}
+        atomic_write_json(path, done)
+    return {name: {str(n): done[name]["points"][str(n)] for n in sizes} for name in specs}
+
+
+def _test_score(exp: Experiment, scores: np.ndarray, y_test: np.ndarray) -> float:
+    if exp.data.single_label:
+        return single_label_metrics(scores, y_test)["top1"]
+    return multilabel_metrics(scores, y_test, ignore=exp.ignore("test"))["mAP"]
+
+
 def _jsonable(obj):
     from difffeat.run.report import to_jsonable
 
@@ -686,6 +728,8 @@ def _run_locked(cfg: RunConfig, steps: Sequence[str], recompute: bool, where) ->
         heads = step_fit(exp)
         if "evaluate" in steps:
             step_evaluate(exp, heads)
+            if cfg.fusion.curve_sizes:
+                step_curve(exp, cfg.fusion.curve_sizes)
     if "report" in steps:
         from difffeat.run.summary import build_report
 

@@ -132,7 +132,11 @@ def skipped_records(exp) -> list[dict[str, str]]:
     return rows + [{"record": i, "reason": why, "left out by": f"image check ({split})"} for split, i, why in checked]
 
 
-CLEAR_MARGIN = 2.0  # points of mAP (or top-1) that count as a clear win over a baseline
+CLEAR_MARGIN = 2.0  # points of mAP (or top-1) that count as a clear win: beyond the spread between probe seeds
+# What pretrained image features must win by over pixels and random weights: issue 15's bar for the demo, which
+# DiT-XL/2 on COCO clears by tens of points.
+IMAGE_MARGIN = 5.0
+BASELINES = {"image": ("pixels", "random_init_image"), "text": ("random_init_text",)}
 
 
 def claims(
@@ -142,13 +146,16 @@ def claims(
     grids: dict[str, tuple[list, list]],
     key: str,
     noisiest: dict[str, float] | None = None,
+    curve: dict[str, dict[str, float | None]] | None = None,
 ) -> dict[str, bool | None]:
     """The properties of a working Diff-Feat run, measured on this run (None where the run cannot tell).
 
-    * the fused head beats both unimodal heads on test;
+    * the fused head beats every other head on test: each modality alone, the ablations and the baselines;
     * the trained image backbone beats a pixel probe and the same architecture at random initialisation by at
-      least ``CLEAR_MARGIN`` (comparing image features, not the fused head, so the text cannot carry it), and the
-      trained text backbone beats its random initialisation likewise;
+      least ``IMAGE_MARGIN`` (comparing image features, not the fused head, so the text cannot carry it), and the
+      trained text backbone beats its random initialisation by ``CLEAR_MARGIN``;
+    * with a label-efficiency ``curve``: each backbone's lead over its baselines is larger at the fewest labels
+      than at the most (pretraining matters more when labels are scarce);
     * the sweep heatmaps have structure: the best image timestep is not the noisiest one of the grid (``noisiest``
       per modality, by default the largest time; SiT counts the other way, t = 1 clean), and the
       best text step lies in the low-noise quarter (step <= 250 of 1000);
@@ -159,11 +166,15 @@ def claims(
         return results[name][key] if name in results and results[name].get(key) is not None else None
 
     out: dict[str, bool | None] = {}
-    fused, img, txt = score("fused"), score("image"), score("text")
-    out["fused_above_image_and_text"] = None if None in (fused, img, txt) else fused > max(img, txt)
-    for mod, base in (("image", "pixels"), ("image", "random_init_image"), ("text", "random_init_text")):
-        value, b = score(mod), score(base)
-        out[f"{mod}_above_{base}_by_{CLEAR_MARGIN:g}"] = None if None in (b, value) else value >= b + CLEAR_MARGIN
+    others = [score(n) for n in results if n != "fused"]
+    fused = score("fused")
+    out["fused_above_every_other_row"] = None if fused is None or None in others or not others else fused > max(others)
+    for mod, margin in (("image", IMAGE_MARGIN), ("text", CLEAR_MARGIN)):
+        for base in BASELINES[mod]:
+            value, b = score(mod), score(base)
+            out[f"{mod}_above_{base}_by_{margin:g}"] = None if None in (b, value) else value >= b + margin
+    for mod in BASELINES:
+        out[f"{mod}_lead_grows_with_fewer_labels"] = _lead_grows(curve or {}, mod)
     for m, table in tables.items():
         if not np.isfinite(table).any():
             continue
@@ -181,7 +192,25 @@ def claims(
     return out
 
 
-CURVE_FILE = "label_efficiency.json"  # written by difffeat.run.curve.label_efficiency
+CURVE_FILE = "label_efficiency.json"  # written by difffeat.run.pipeline.step_curve
+
+
+def _lead_grows(curve: dict[str, dict[str, float | None]], mod: str) -> bool | None:
+    """Whether ``mod``'s lead over its best baseline at the fewest labels exceeds its lead at the most labels."""
+    rows = [curve.get(name, {}) for name in (mod, *BASELINES[mod])]
+    sizes = sorted((n for n in rows[0] if all(r.get(n) is not None for r in rows)), key=int)
+    if not all(rows) or len(sizes) < 2:
+        return None
+    lead = [rows[0][n] - max(r[n] for r in rows[1:]) for n in (sizes[0], sizes[-1])]
+    return lead[0] > lead[1]
+
+
+def read_curve(out: Path, results: dict) -> dict[str, dict[str, float | None]] | None:
+    """The label-efficiency points of the run's heads, ``{head: {str(n): score}}`` (None without a curve)."""
+    path = out / CURVE_FILE
+    if not path.exists():
+        return None
+    return {name: entry["points"] for name, entry in json.loads(path.read_text()).items() if name in results}
 
 
 def _curve_notes(curve: dict[str, dict[str, float | None]]) -> list[str]:
@@ -214,11 +243,11 @@ def build_report(exp, seconds: float | None = None) -> None:
     main = {k: v for k, v in results.items() if k in ("fused", "image", "text")}
     ablation = {k: v for k, v in results.items() if k not in main}
     noisiest = {m: (min if exp.time(m).clean == exp.time(m).high else max)(grids[m][1]) for m in grids}
-    checks = claims(results, search, tables, grids, key, noisiest)
+    curve = read_curve(exp.out, results)
+    checks = claims(results, search, tables, grids, key, noisiest, curve)
     truncated = getattr(exp.__dict__.get("text_extractor"), "num_truncated", None)
     late = still_improving(exp, heads)
     skipped = skipped_records(exp)
-    curve = json.loads((exp.out / CURVE_FILE).read_text()) if (exp.out / CURVE_FILE).exists() else None
     massive = exp.massive_record()
     summary = {
         "dataset": exp.data.name,
