@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 from difffeat.run.demo import demo_config
-from difffeat.run.pipeline import Experiment, extract_grid, step_evaluate, step_fit, step_search, step_sweep
+from difffeat.run.pipeline import (
+    Experiment,
+    extract_grid,
+    step_curve,
+    step_evaluate,
+    step_fit,
+    step_search,
+    step_sweep,
+)
 from difffeat.run.summary import build_report
 
 TARGET_S = 300.0
@@ -46,6 +54,8 @@ def timed_run(out: Path, quick: bool) -> dict[str, float]:
     lap("fit heads (fused, unimodal, ablations, baselines)")
     step_evaluate(exp, heads)
     lap("evaluate on test")
+    step_curve(exp, exp.cfg.fusion.curve_sizes)
+    lap("label-efficiency curve (every head refitted)")
     build_report(exp, seconds=time.perf_counter() - start)
     lap("report (heatmaps, t-SNE, clustering)")
     return times

@@ -1,5 +1,6 @@
 """`difffeat demo --quick`: the whole method on the embedded data with the committed tiny models."""
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 from difffeat.models.ddit_load import load_ddit
 from difffeat.models.dit_load import load_dit
 from difffeat.run.cli import app
-from difffeat.run.demo import DEMO_DDIT, DEMO_DIT
+from difffeat.run.demo import DEMO_DDIT, DEMO_DIT, committed_recipe, demo_config
 
 OUTPUTS = ("config.yaml", "sweep_image.csv", "sweep_text.csv", "search.json", "results.json", "metrics.json",
            "report.html", "heatmap_image.png", "heatmap_text.png", "tsne.png")  # fmt: skip
@@ -38,7 +39,35 @@ def test_quick_demo_writes_a_complete_run_with_metrics_in_range(tmp_path):
         for key in ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3"):
             assert math.isfinite(res[key]) and 0 <= res[key] <= 100, (name, key, res[key])
     assert m["search"]["grid_size_unimodal"] == 3 * 4 + 3 * 3
-    assert set(m["checks"]) >= {"fused_above_image_and_text", "search_used_at_most_a_third_of_grid"}
+    assert set(m["checks"]) >= {"fused_above_every_other_row", "search_used_at_most_a_third_of_grid"}
     assert "difffeat demo: test metrics" in result.output and "report:" in result.output
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
+    curve = m["label_efficiency"]  # the demo's curve: every head at each labeled-set size of the quick run
+    assert set(curve) == set(m["test"]) and all(set(row) == {"100", "300"} for row in curve.values())
+    assert all(row["300"] == pytest.approx(m["test"][name]["mAP"], abs=1e-6) for name, row in curve.items())
+
+
+def test_the_committed_models_were_trained_on_world_2s_pool_and_the_demo_probes_world_2():
+    cfg = demo_config("unused")
+    assert cfg.data.options["world"] == 2 and cfg.data.options["n_train"] < 5000  # the few-label set
+    for folder in (DEMO_DIT, DEMO_DDIT):
+        assert committed_recipe(folder)["pool"] >= 10 * cfg.data.options["n_train"]
+
+
+def test_zoo_trainers_start_from_the_committed_recipe(tmp_path, monkeypatch):
+    """`difffeat zoo train-*` reproduce the committed models: their recipe.json, with only what is given changed."""
+    import difffeat.demo.zoo as zoo
+
+    seen = {}
+
+    def data(recipe):  # the pool is 100k scenes: what matters here is the recipe it is asked for
+        seen["recipe"] = recipe
+        return [], []
+
+    monkeypatch.setattr(zoo, "training_data", data)
+    monkeypatch.setattr(zoo, "train_dit", lambda images, r, out, max_seconds=None: seen.update(max_seconds=max_seconds))
+    result = CliRunner().invoke(app, ["zoo", "train-dit", "--out", str(tmp_path), "--steps", "7", "--max-seconds", "9"])
+    assert result.exit_code == 0, result.output
+    expected = {**committed_recipe(DEMO_DIT), "steps": 7}
+    assert dataclasses.asdict(seen["recipe"]) == expected and seen["max_seconds"] == 9

@@ -175,22 +175,45 @@ def options() -> None:
 # The zoo trainers' shared options, declared once.
 _CheckpointFolder = Annotated[str, typer.Option(help="checkpoint folder")]
 _TrainSteps = Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")]
+_MaxSeconds = Annotated[
+    float | None, typer.Option(help="stop after this many seconds (the committed models: 140 on an H200)")
+]
+_Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the recipe's, auto)")]
+
+
+def _overrides(steps: int | None, seed: int | None, device: str | None) -> dict:
+    given = {"steps": steps, "seed": seed, "device": device}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @zoo_app.command("train-dit")
-def train_dit_cmd(out: _CheckpointFolder = "zoo/demo-dit", steps: _TrainSteps = None, seed: int = 0) -> None:
-    """Train the tiny pixel-space DiT (DDPM epsilon loss) on the demo train split."""
+def train_dit_cmd(
+    out: _CheckpointFolder = "zoo/demo-dit",
+    steps: _TrainSteps = None,
+    seed: int | None = None,
+    device: _Device = None,
+    max_seconds: _MaxSeconds = None,
+) -> None:
+    """Train the tiny pixel-space DiT (DDPM epsilon loss) on demo world 2's unlabeled pool, from the committed
+    model's recipe.json."""
     from difffeat.run.demo import train_demo_dit
 
-    train_demo_dit(out, steps=steps, seed=seed)
+    train_demo_dit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
 
 
 @zoo_app.command("train-ddit")
-def train_ddit_cmd(out: _CheckpointFolder = "zoo/demo-ddit", steps: _TrainSteps = None, seed: int = 0) -> None:
-    """Train the tiny text DDiT (absorbing-state loss) and its word tokenizer on the demo captions."""
+def train_ddit_cmd(
+    out: _CheckpointFolder = "zoo/demo-ddit",
+    steps: _TrainSteps = None,
+    seed: int | None = None,
+    device: _Device = None,
+    max_seconds: _MaxSeconds = None,
+) -> None:
+    """Train the tiny text DDiT (SEDD's score entropy) and its word tokenizer on the pool's captions, from the
+    committed model's recipe.json."""
     from difffeat.run.demo import train_demo_ddit
 
-    train_demo_ddit(out, steps=steps, seed=seed)
+    train_demo_ddit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
 
 
 @app.command("layers")

@@ -26,18 +26,25 @@ DEMO_IMAGE_TIMESTEPS = [0, 25, 50, 100, 200, 500]
 DEMO_TEXT_STEPS = [0, 100, 250, 500, 750]
 
 
+# World 2's few-label set: what pretraining on the 100k-scene pool is for. 1000 labeled rows, the size of many
+# real labeled sets next to ImageNet-scale pretraining; the curve refits every head on fewer.
+DEMO_SIZES = {"n_train": 1000, "n_val": 500, "n_test": 1000}
+DEMO_CURVE = [100, 300, 1000]
+
+
 def demo_config(out: str = "runs/demo", quick: bool = False) -> RunConfig:
-    """The demo run: full demo data, full grid sweep plus local search; ``quick`` is a small smoke test."""
-    sizes = {"n_train": 600, "n_val": 200, "n_test": 200} if quick else {}
+    """The demo run: world 2's few-label set, full grid sweep plus local search, every baseline and the
+    label-efficiency curve; ``quick`` is a small smoke test."""
+    sizes = {"n_train": 300, "n_val": 150, "n_test": 150} if quick else DEMO_SIZES
     return RunConfig(
         out=out,
-        data=DataOptions(kind="demo", options={"cache_dir": str(Path(out) / "data"), **sizes}),
+        data=DataOptions(kind="demo", options={"cache_dir": str(Path(out) / "data"), "world": 2, **sizes}),
         image=ImageModelOptions(dit=str(DEMO_DIT), name="demo-dit"),
         text=TextModelOptions(ddit=str(DEMO_DDIT), name="demo-ddit"),
         extract=ExtractOptions(batch_size=256, shard_size=2048),
-        # 5000 train rows are 5 steps per epoch: at the default lr the probes and heads stop still improving
-        # (benchmarks/README.md, section 8), so the demo raises lr and epochs until they converge.
-        probe=ProbeOptions(epochs=200, lr=3e-2, patience=20, num_threads=None),  # sweeps fit many probes at once
+        # 1000 train rows are one step per epoch at the default batch: the probes would stop still improving
+        # (benchmarks/README.md, section 8), so the demo takes smaller batches and a higher lr until they converge.
+        probe=ProbeOptions(epochs=200, lr=3e-2, batch_size=250, patience=20, num_threads=None),
         search=SearchOptions(
             mode="grid",
             image_grid_timesteps=[0, 50, 200, 500] if quick else DEMO_IMAGE_TIMESTEPS,
@@ -53,6 +60,7 @@ def demo_config(out: str = "runs/demo", quick: bool = False) -> RunConfig:
             search_width=256,
             search_epochs=40,
             baselines=["pixels", "random_init"],
+            curve_sizes=DEMO_CURVE[:2] if quick else DEMO_CURVE,
         ),
         report=ReportOptions(tsne_samples=300 if quick else 800),
     )
@@ -85,22 +93,32 @@ def print_summary(out: Path) -> None:
     console.print(f"report: {out / 'report.html'}  ({m['seconds']:.0f} s)")
 
 
-def train_demo_dit(out: str | Path = DEMO_DIT, steps: int | None = None, seed: int = 0, **recipe) -> Path:
-    """Train the tiny DiT from its recipe (``recipe`` overrides fields, e.g. ``pool=100_000, device="auto"``)."""
+def committed_recipe(folder: Path) -> dict:
+    """The recipe fields a committed zoo model was trained with (its ``recipe.json``)."""
+    return json.loads((folder / "recipe.json").read_text())["recipe"]
+
+
+def train_demo_dit(
+    out: str | Path = DEMO_DIT, recipe_from: Path = DEMO_DIT, max_seconds: float | None = None, **overrides
+) -> Path:
+    """Train the tiny DiT from the committed model's recipe (``overrides`` change fields, e.g. ``steps=300``);
+    ``max_seconds`` stops early, as the committed one was stopped (its recipe.json says where and when)."""
     from difffeat.demo.zoo import DiTRecipe, train_dit, training_data
 
-    r = DiTRecipe(seed=seed, **recipe, **({} if steps is None else {"steps": steps}))
-    return train_dit(training_data(r)[0], r, out)
+    r = DiTRecipe(**{**committed_recipe(Path(recipe_from)), **overrides})
+    return train_dit(training_data(r)[0], r, out, max_seconds=max_seconds)
 
 
-def train_demo_ddit(out: str | Path = DEMO_DDIT, steps: int | None = None, seed: int = 0, **recipe) -> Path:
-    """Train the tiny DDiT and its word tokenizer from their recipe (``recipe`` overrides fields)."""
+def train_demo_ddit(
+    out: str | Path = DEMO_DDIT, recipe_from: Path = DEMO_DDIT, max_seconds: float | None = None, **overrides
+) -> Path:
+    """Train the tiny DDiT and its word tokenizer from the committed model's recipe (``overrides`` change fields)."""
     from difffeat.demo.zoo import DDiTRecipe, train_ddit, training_data
     from difffeat.models.tokenizers import load_tokenizer, train_word_tokenizer
 
-    r = DDiTRecipe(seed=seed, **recipe, **({} if steps is None else {"steps": steps}))
+    r = DDiTRecipe(**{**committed_recipe(Path(recipe_from)), **overrides})
     captions = training_data(r)[1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = train_word_tokenizer([c for caps in captions for c in caps], r.vocab_size, out / "tokenizer.json")
-    return train_ddit(captions, load_tokenizer(tok_path), r, out)
+    return train_ddit(captions, load_tokenizer(tok_path), r, out, max_seconds=max_seconds)
