@@ -234,7 +234,7 @@ def test_layers_table_needs_only_the_configs(roots, tmp_path):
     import shutil
 
     root = shutil.copytree(roots["flux"], tmp_path / "flux", ignore=shutil.ignore_patterns("*.safetensors"))
-    table = describe_source(root).splitlines()
-    assert table[0] == "flux: 4 blocks"
+    table = str(describe_source(root)).splitlines()
+    assert table[0] == "flux (image), 4 blocks"
     assert table[1].startswith("time: flow 0..1, clean = 0")
     assert table[-2:] == ["    2  single_transformer_blocks.0      16", "    3  single_transformer_blocks.1      16"]

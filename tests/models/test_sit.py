@@ -182,8 +182,8 @@ def test_intermediates_equal_hooks_on_the_full_forward_and_later_blocks_never_ru
 
 
 def test_layers_table_of_a_sit_file_names_its_time_convention(sit_file):
-    table = describe_source(sit_file[0], "sit").splitlines()
-    assert table[0] == "sit: 3 blocks"
+    table = str(describe_source(sit_file[0], "sit")).splitlines()
+    assert table[0] == "sit (image), 3 blocks"
     assert "clean = 1" in table[1] and "t = 0 pure noise" in table[1]
     assert table[-1] == "    2  blocks.2                         384"
 

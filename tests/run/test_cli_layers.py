@@ -19,7 +19,7 @@ def test_layers_of_a_sit_file_prints_blocks_widths_and_time_convention(tmp_path)
     done = difffeat("layers", str(tmp_path / "SiT-S-2.pt"), "--backbone", "sit")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "sit: 2 blocks"
+    assert lines[0] == "sit (image), 2 blocks"
     assert lines[1].startswith("time: sit-flow 0..1, clean = 1")
     assert lines[-2:] == ["    0  blocks.0                         384", "    1  blocks.1                         384"]
 

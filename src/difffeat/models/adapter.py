@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from difffeat.models.base import Layer
+from difffeat.models.base import Layer, block_layers
 
 _Adapter = TypeVar("_Adapter", bound="ModuleAdapter")
 
@@ -41,7 +41,7 @@ class BlocksAdapter(ModuleAdapter):
         return self.module.depth
 
     def layers(self) -> list[Layer]:
-        return [Layer(i, f"blocks.{i}", self.module.hidden_size) for i in range(self.depth)]
+        return block_layers(self.depth, self.module.hidden_size)
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each block in place: they share one code object, so one graph serves them all, and

@@ -92,6 +92,11 @@ class Layer:
     width: int  # channels of the block's output tokens
 
 
+def block_layers(depth: int, width: int, prefix: str = "blocks") -> list[Layer]:
+    """One :class:`Layer` per 0-based block of a plain list of equal-width blocks."""
+    return [Layer(i, f"{prefix}.{i}", width) for i in range(depth)]
+
+
 @dataclass(frozen=True)
 class Layers:
     """What ``featurizer.layers()`` shows: every block, the time convention and the family, printable as a table."""

@@ -153,26 +153,25 @@ def _plain(obj: Any, _active: frozenset[int] = frozenset()) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
+def read_state_dict(path: str | Path, *, shapes_only: bool = False) -> dict[str, Any]:
     """Read a ``.safetensors`` file or a torch pickle (``.pt/.pth/.bin/.ckpt``) into a dict.
 
     A plain state dict comes back as name -> tensor; a training checkpoint as its top-level dict (``model``,
     ``ema``, ``state_dict``, ...), with omegaconf configs as plain data and anything else that is not a tensor
-    or plain data as :class:`Unloaded` records. No code from the file runs.
+    or plain data as :class:`Unloaded` records. No code from the file runs. ``shapes_only`` gives every tensor on
+    the meta device (shape and dtype, no data read), for describing a model of any size in a second.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
+            return _read_safetensors(path, shapes_only)
         except Exception as exc:  # safetensors raises its own error types
             what = describe_file(path)
             raise CheckpointError(f"{path}: not a readable safetensors file: the file is {what}") from exc
     try:
-        obj = _plain(_load_torch_pickle(path))
+        obj = _plain(_load_torch_pickle(path, "meta" if shapes_only else "cpu"))
     except RecursionError as exc:
         raise CheckpointError(f"{path}: nested too deeply to be a checkpoint") from exc
     if not isinstance(obj, Mapping):
@@ -200,7 +199,17 @@ def tensors_by_name(obj: Mapping[str, Any], source: str) -> dict[str, torch.Tens
     return dict(obj)
 
 
-def _load_torch_pickle(path: Path) -> Any:
+def _read_safetensors(path: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not shapes_only:
+        return load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+
+
+def _load_torch_pickle(path: Path, map_location: str = "cpu") -> Any:
     if _is_torchscript(path):
         raise CheckpointError(
             f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; TorchScript can run code on "
@@ -208,11 +217,11 @@ def _load_torch_pickle(path: Path) -> Any:
         )
     if not _names_more_than_tensors(path):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
         except Exception:  # needs more than tensors after all: the restricted unpickler decides
             pass
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(

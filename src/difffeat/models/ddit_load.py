@@ -7,6 +7,7 @@ by :mod:`difffeat.models.checkpoints`, which never runs code from them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def load_ddit(
     """
     path = Path(source)
     if not path.exists():
-        path = _fetch_from_hub(str(source))
+        path = fetch_from_hub(str(source))
     found = _read_folder(path) if path.is_dir() else _read_file(path)
     if isinstance(config, str):
         config = DDiTConfig.preset(config)
@@ -91,15 +92,28 @@ def load_ddit(
     return model.eval().requires_grad_(False)
 
 
-def _fetch_from_hub(repo_id: str) -> Path:
-    """Download config.json and one weights file (pytorch_model.bin only where there is no safetensors)."""
+def ddit_config_of(source: str | Path) -> DDiTConfig:
+    """The architecture a DDiT source holds, from its config.json or its tensor shapes alone: no weights read."""
+    path = Path(source)
+    if not path.exists():
+        path = fetch_from_hub(str(source), config_only=True)
+    if path.is_dir():
+        return _folder_config(path)[1]
+    found = _read_file(path, shapes_only=True)
+    return _infer_config(found, path)
+
+
+def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
+    """Download config.json and one weights file (pytorch_model.bin only where there is no safetensors), or
+    config.json alone (``config_only``: to describe a model without its weights)."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise CheckpointError(f"{repo_id}: no such file or folder, and not a Hugging Face hub id")
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
-        if not (folder / "model.safetensors").is_file():
+        wanted = ["config.json"] if config_only else ["config.json", "model.safetensors"]
+        folder = Path(snapshot_download(repo_id, allow_patterns=wanted))
+        if not config_only and not (folder / "model.safetensors").is_file():
             folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin"]))
     except Exception as exc:  # network, auth, missing repo: all mean "not available here"
         raise CheckpointError(
@@ -109,28 +123,34 @@ def _fetch_from_hub(repo_id: str) -> Path:
     return folder
 
 
-def _read_folder(folder: Path) -> _Found:
+def _read_folder(folder: Path, shapes_only: bool = False) -> _Found:
     """config.json tells the layout: ours, MDLM's flat one or SEDD's nested Hydra one."""
-    raw = read_json(folder / "config.json")
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    sd = tensors_by_name(read_state_dict(weights), str(weights))
+    sd = tensors_by_name(read_state_dict(weights, shapes_only=shapes_only), str(weights))
+    what, config = _folder_config(folder, lambda: sniff_format(sd))
+    mdlm = what.startswith("MDLM")
+    return _Found(_strip_backbone(sd) if mdlm else sd, what, config=config, mdlm=mdlm)
+
+
+def _folder_config(folder: Path, weights_look_like: Callable[[], str] | None = None) -> tuple[str, DDiTConfig]:
+    """The layout a folder's config.json names and the DDiT config it gives (``weights_look_like``: what the
+    weights' names suggest, for the message when config.json is not a DDiT's)."""
+    raw = read_json(folder / "config.json")
     if raw.get("architecture") == "ddit":
         own = {k: v for k, v in raw.items() if k != "architecture"}
-        return _Found(sd, "difffeat DDiT folder", config=_build_config(folder, lambda: DDiTConfig(**own)))
+        return "difffeat DDiT folder", _build_config(folder, lambda: DDiTConfig(**own))
     if raw.get("model_type") == "mdlm":
-        return _Found(
-            _strip_backbone(sd), "MDLM folder", config=_build_config(folder, lambda: _mdlm_config(raw)), mdlm=True
-        )
+        return "MDLM folder", _build_config(folder, lambda: _mdlm_config(raw))
     if is_radd_config(raw):
         raise CheckpointError(f"{folder} holds RADD (no time conditioning), not a SEDD/MDLM DDiT: use backbone radd")
     if "tokens" in raw and isinstance(raw.get("model"), dict):
-        return _Found(sd, "SEDD folder", config=_build_config(folder, lambda: _sedd_config(raw)))
+        return "SEDD folder", _build_config(folder, lambda: _sedd_config(raw))
     raise CheckpointError(
         f"{folder}/config.json is not a DDiT config (expected our 'architecture: ddit', MDLM's 'model_type: mdlm' "
-        f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}; "
-        f"the weights look like {sniff_format(sd)}"
+        f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}"
+        + (f"; the weights look like {weights_look_like()}" if weights_look_like else "")
     )
 
 
@@ -185,9 +205,9 @@ def _mdlm_config(raw: dict) -> DDiTConfig:
     )
 
 
-def _read_file(path: Path) -> _Found:
+def _read_file(path: Path, shapes_only: bool = False) -> _Found:
     """One file: MDLM Lightning ckpt, SEDD training checkpoint, or a bare state dict."""
-    obj = read_state_dict(path)
+    obj = read_state_dict(path, shapes_only=shapes_only)
     if isinstance(obj.get("state_dict"), dict):
         sd = tensors_by_name(obj["state_dict"], f"{path} ('state_dict')")
         sd = {k: v for k, v in sd.items() if not k.startswith("noise.")}

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from difffeat.models.adapter import ModuleAdapter
-from difffeat.models.base import Clean, Layer, TimeConvention, hub_id_mentions
+from difffeat.models.base import Clean, Layer, TimeConvention, block_layers, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import resolve_indices
 from difffeat.models.ddit_adapter import DDiTAdapter
@@ -82,6 +82,11 @@ def uniform_corrupt(
         row = out[i, real]
         out[i, real] = torch.where(u[0] < step / 1000, random_ids.to(row.device), row)
     return out
+
+
+def gemma_layers(text_config: Any) -> list[Layer]:
+    """The decoder layers, read from the config alone (``difffeat layers`` builds no model)."""
+    return block_layers(text_config.num_hidden_layers, text_config.hidden_size, "model.decoder.layers")
 
 
 class DiffusionGemmaBackbone(ModuleAdapter):
@@ -157,7 +162,7 @@ class DiffusionGemmaBackbone(ModuleAdapter):
         return self.module.model.decoder.layers
 
     def layers(self) -> list[Layer]:
-        return [Layer(i, f"model.decoder.layers.{i}", self.text_config.hidden_size) for i in range(self.depth)]
+        return gemma_layers(self.text_config)
 
     def to(self, device: torch.device | str) -> DiffusionGemmaBackbone:
         """Move the model, unless a ``device_map`` placed it (a split model must stay split)."""

@@ -47,9 +47,9 @@ from difffeat.models.ddit_load import (
     RADD_MODEL_TYPE,
     WEIGHT_FILES,
     _ema_weights,
-    _fetch_from_hub,
     _Found,
     _shadows,
+    fetch_from_hub,
     is_radd_config,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
@@ -252,7 +252,7 @@ def load_radd(
     """
     path = Path(source)
     if not path.exists():
-        path = _fetch_from_hub(str(source))
+        path = fetch_from_hub(str(source))
     cfg = RADDConfig.preset(config) if isinstance(config, str) else config
     if path.is_dir():
         cfg = cfg or radd_config(read_json(path / "config.json"), f"{path}/config.json")
@@ -273,6 +273,16 @@ def load_radd(
     return model.to(torch_dtype(dtype)).eval().requires_grad_(False)
 
 
+def radd_config_of(source: str | Path) -> RADDConfig:
+    """The architecture a RADD source holds, from its config.json or its tensor shapes alone: no weights read."""
+    path = Path(source)
+    if not path.exists():
+        path = fetch_from_hub(str(source), config_only=True)
+    if path.is_dir():
+        return radd_config(read_json(path / "config.json"), f"{path}/config.json")
+    return _infer_config(_read_file(path, shapes_only=True).sd, path)
+
+
 def _read_folder(folder: Path) -> _Found:
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
@@ -280,8 +290,8 @@ def _read_folder(folder: Path) -> _Found:
     return _Found(tensors_by_name(read_state_dict(weights), str(weights)), "RADD hub folder")
 
 
-def _read_file(path: Path) -> _Found:
-    obj = read_state_dict(path)
+def _read_file(path: Path, shapes_only: bool = False) -> _Found:
+    obj = read_state_dict(path, shapes_only=shapes_only)
     if isinstance(obj.get("model"), dict):
         return _Found(tensors_by_name(obj["model"], f"{path} ('model')"), "RADD training checkpoint", ema=_shadows(obj))
     return _Found(tensors_by_name(obj, str(path)), "RADD state dict")

@@ -220,14 +220,18 @@ def train_ddit_cmd(
 def layers_cmd(
     source: Annotated[str, typer.Argument(help="a .pt checkpoint, a diffusers pipeline folder or a hub id")],
     backbone: Annotated[
-        str | None, typer.Option(help="family when the source does not tell: sit, dit, pixart, sd3, flux, diffusers")
+        str | None,
+        typer.Option(
+            help="family when the source does not tell: sit, dit, pixart, sd3, flux, diffusers, ddit (SEDD/MDLM), "
+            "radd, diffusion_gemma"
+        ),
     ] = None,
 ) -> None:
     """A model's blocks (0-based), widths and time convention, from its configs or tensor shapes alone."""
     from difffeat.models.describe import describe_source
 
     try:
-        typer.echo(describe_source(source, backbone))
+        typer.echo(str(describe_source(source, backbone)))
     except (ValueError, OSError, KeyError) as exc:
         typer.secho(f"error: {exc}".splitlines()[0], fg="red", err=True)
         raise typer.Exit(2) from exc
