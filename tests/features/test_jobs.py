@@ -137,3 +137,25 @@ def test_bf16_features_get_their_own_store_entries_and_fused_or_compiled_runs_sh
     for modality in ("image", "text"):
         assert variant(modality, ExtractOptions(bf16=True)) != variant(modality, plain)
         assert variant(modality, same) == variant(modality, plain)
+
+
+def test_an_edited_caption_is_a_new_entry_for_the_text_branch_and_a_caption_conditioned_image():
+    """Sample ids alone would let features of old captions pass for the new ones (a stale result)."""
+    from types import SimpleNamespace
+
+    from difffeat.features.jobs import entry_fingerprint, entry_texts, entry_variant
+    from difffeat.features.options import ExtractOptions, ImageModelOptions, TextModelOptions
+
+    before = [SimpleNamespace(id="a", captions=["a red cat", "a cat"]), SimpleNamespace(id="b", captions=["dogs"])]
+    after = [before[0], SimpleNamespace(id="b", captions=["two dogs"])]
+
+    def variant(modality, model, samples):
+        texts = entry_texts(modality, model, samples)
+        ids = [s.id for s in samples]
+        return entry_variant(entry_fingerprint(modality, model, ExtractOptions(), {"x": "file:1"}, ids, None, texts))
+
+    text, captioned, plain = TextModelOptions(), ImageModelOptions(condition="caption"), ImageModelOptions()
+    assert variant("text", text, before) != variant("text", text, after)
+    assert variant("image", captioned, before) != variant("image", captioned, after)
+    assert variant("image", plain, before) == variant("image", plain, after)
+    assert entry_texts("image", plain, before) is None  # unconditioned image keys are what they were

@@ -230,10 +230,12 @@ def entry_fingerprint(
     identity: Mapping[str, str | None],
     ids: Sequence[str],
     massive: dict | None = None,
+    texts: Sequence[str] | None = None,
 ) -> dict:
     """Everything that determines the numbers of a feature entry besides its cell: the model's identity (see
     :mod:`difffeat.utils.identity`), the numbers-changing options of the model and of the extraction for this
-    modality (declared with ``numbers=`` in :mod:`difffeat.features.options`), the rows it holds, and the
+    modality (declared with ``numbers=`` in :mod:`difffeat.features.options`), the rows it holds, the texts it
+    read (:func:`entry_texts`: a caption edited under the same sample id is a new entry, not a stale one) and the
     calibration of the massive channels it suppresses (:attr:`Massive.calibration`)."""
     out = {
         "modality": modality,
@@ -242,9 +244,22 @@ def entry_fingerprint(
         "extract": numbers_fields(extract_options, modality),
         "ids": ids_digest(ids),
     }
+    if texts is not None:
+        out["texts"] = ids_digest(texts)
     if massive is not None:
         out["massive"] = massive
     return out
+
+
+def entry_texts(modality: str, model: ImageModelOptions | TextModelOptions, samples: Sequence) -> list[str] | None:
+    """The texts an entry's numbers depend on besides its rows: every caption the text branch reads, or the
+    caption each image forward is conditioned on (``condition: caption``); None for an image branch that reads
+    no text (its keys stay what they were)."""
+    if modality == "text":
+        return ["\x1f".join(s.captions) for s in samples]
+    if getattr(model, "condition", "null") == "caption":
+        return [s.captions[0] if s.captions else "" for s in samples]
+    return None
 
 
 def effective_options(model: ImageModelOptions | TextModelOptions, extractor) -> ImageModelOptions | TextModelOptions:
@@ -503,8 +518,9 @@ def extract_image_split(
     ids = [split.samples[i].id for i in rows]
     captions = condition_captions(split, rows, model)
     calibration = None if massive is None else massive.calibration
+    texts = entry_texts("image", model, [split.samples[i] for i in rows])
     fingerprint = entry_fingerprint(
-        "image", effective_options(model, extractor), extract_options, identity, ids, calibration
+        "image", effective_options(model, extractor), extract_options, identity, ids, calibration, texts
     )
     keys = _grid_keys(
         "image", name, extract_options.pool, split, extract_options, fingerprint, extractor, blocks, timesteps
@@ -554,10 +570,13 @@ def extract_text_split(
         rows = prepare_ids(store, split, extract_options.skip_bad)
     blocks = resolve_indices(blocks, extractor.depth)
     ids = [split.samples[i].id for i in rows]
-    fingerprint = entry_fingerprint("text", effective_options(model, extractor), extract_options, identity or {}, ids)
+    samples = [split.samples[i] for i in rows]
+    fingerprint = entry_fingerprint(
+        "text", effective_options(model, extractor), extract_options, identity or {}, ids,
+        texts=entry_texts("text", model, samples),
+    )  # fmt: skip
     pool = extract_options.text_pool
     keys = _grid_keys("text", name, pool, split, extract_options, fingerprint, extractor, blocks, timesteps)
-    samples = [split.samples[i] for i in rows]
     for s in samples:
         if not s.captions:
             raise DataError(f"split {split.name!r}: sample {s.id!r} has no caption (the text branch needs one)")

@@ -46,6 +46,7 @@ from difffeat.features.jobs import (
     calibrate_massive,
     effective_options,
     entry_fingerprint,
+    entry_texts,
     entry_variant,
     extract_image_split,
     extract_text_split,
@@ -276,12 +277,14 @@ class Experiment:
 
     def variant(self, modality: str, split: str) -> str:
         """The store variant of this modality's entries of ``split`` (the same for every cell)."""
-        ids = [s.id for s in self.samples(split)]
+        samples = self.samples(split)
         model = self.cfg.image if modality == "image" else self.cfg.text
         options = effective_options(model, self.extractor(modality))
         massive = self.massive_calibration if modality == "image" else None
+        texts = entry_texts(modality, model, samples)
+        ids = [s.id for s in samples]
         return entry_variant(
-            entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids, massive)
+            entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids, massive, texts)
         )
 
     def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
