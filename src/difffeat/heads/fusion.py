@@ -91,10 +91,13 @@ class FusionHead(nn.Module):
         }
 
 
+TEXT_STREAM = "text_stream"  # the image backbone's own text tokens at the image cell (the ``streams`` ablation)
+
+
 def _ablations(names: list[str]) -> str | None:
     for name in names:
-        if name not in ("image", "text", "concat") and not (name[:5] == "width" and name[5:].isdigit()):
-            return f"{name!r} is not an ablation; use image, text, concat or width<N> (e.g. width512)"
+        if name not in ("image", "text", "concat", "streams") and not (name[:5] == "width" and name[5:].isdigit()):
+            return f"{name!r} is not an ablation; use image, text, concat, streams or width<N> (e.g. width512)"
     return None
 
 
@@ -121,7 +124,8 @@ class FusionOptions(TrainOptions):
     ablations: list[str] = option(
         default_factory=lambda: ["image", "text", "concat"],
         check=_ablations,
-        help="extra heads: image, text (one modality), concat, width<N>",
+        help="extra heads: image, text (one modality), concat, width<N>, streams (an MMDiT's own text tokens, "
+        "alone and fused with its image tokens: one backbone, both modalities; needs image.condition: caption)",
     )
     baselines: list[str] = option(
         default_factory=list,

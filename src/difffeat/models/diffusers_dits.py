@@ -21,6 +21,7 @@ text tokens, or both (``[text; image]`` along the token axis, FLUX's own order) 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -153,10 +154,6 @@ class DiffusersBackbone(ModuleAdapter):
         guidance: float | None = None,
         shift: float | None = None,
     ) -> None:
-        if stream not in STREAMS:
-            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
-        if stream != "image" and not self.spec.joint:
-            raise ValueError(f"stream={stream!r} needs a joint text+image model (SD3, FLUX), not {self.family}")
         self.module = transformer.eval().requires_grad_(False)
         self.scheduler_config = scheduler_config
         self.encoder = LatentEncoder(vae, sample=sample_posterior) if vae is not None else None
@@ -164,7 +161,7 @@ class DiffusersBackbone(ModuleAdapter):
         self.null_condition = null_condition or {}
         self.fixed_inputs = fixed_inputs or {}
         self.prompts = prompts
-        self.stream = stream
+        self.stream = self._checked_stream(stream)
         self.guidance = _guidance(transformer, guidance, self.family)
         self.time: TimeConvention = FLOW if "FlowMatch" in scheduler_config.get("_class_name", "") else DDPM
         if shift is not None and self.time is not FLOW:
@@ -175,6 +172,27 @@ class DiffusersBackbone(ModuleAdapter):
         self._blocks = [
             (f"{attr}.{i}", b) for attr in self.spec.block_lists for i, b in enumerate(_list(transformer, attr))
         ]
+
+    def with_stream(self, stream: str) -> DiffusersBackbone:
+        """This backbone read at another stream of its joint blocks: a shallow copy sharing every module (the
+        transformer, VAE, prompt encoder and cached conditioning), so one loaded MMDiT gives both modalities."""
+        twin = copy.copy(self)
+        twin.stream = self._checked_stream(stream)
+        return twin
+
+    def text_blocks(self) -> list[int]:
+        """The 0-based blocks whose output carries text tokens: every block of a joint model but SD3's last, which
+        updates only the image tokens (``context_pre_only``); none for a model without a text stream."""
+        if not self.spec.joint:
+            return []
+        return [i for i, (_, block) in enumerate(self._blocks) if not getattr(block, "context_pre_only", False)]
+
+    def _checked_stream(self, stream: str) -> str:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+        if stream != "image" and not self.spec.joint:
+            raise ValueError(f"stream={stream!r} needs a joint text+image model (SD3, FLUX), not {self.family}")
+        return stream
 
     # --- loading ------------------------------------------------------------------------------------------------
 

@@ -91,6 +91,12 @@ def check_run(cfg: RunConfig, where: str = "config") -> RunConfig:
             f"{where}.extract.modalities",
             f"no modality to run: {cfg.extract.modalities} need image.dit (--dit) and/or text.ddit (--ddit)",
         )
+    if "streams" in cfg.fusion.ablations and (cfg.image.condition, cfg.image.stream) != ("caption", "image"):
+        raise ConfigError(
+            f"{where}.fusion.ablations", "streams pairs the image backbone's image tokens with its own text tokens "
+            "for each sample's caption: it needs image.condition: caption (the text tokens of the empty prompt are "
+            "the same for every sample) and image.stream: image"
+        )  # fmt: skip
     return cfg
 
 

@@ -56,7 +56,7 @@ from difffeat.features.jobs import (
 )
 from difffeat.features.options import ImageModelOptions, TextModelOptions
 from difffeat.features.store import EntryKey, FeatureStore, ids_digest
-from difffeat.heads.fusion import FusionOptions, FusionResult, fit_fusion
+from difffeat.heads.fusion import TEXT_STREAM, FusionOptions, FusionResult, fit_fusion
 from difffeat.heads.probe import ProbeOptions, fit_probe, run_sweep
 from difffeat.metrics import multilabel_metrics, single_label_metrics
 from difffeat.models.base import TimeConvention, families, load_backbone, loader_options, resolve_family
@@ -111,6 +111,14 @@ def check_splits(ds: Dataset, names: Sequence[str]) -> None:
             )
 
 
+MASSIVE_FILES = {"image": "massive.json", TEXT_STREAM: "massive_text_stream.json"}
+
+
+def branch(modality: str) -> str:
+    """Which extraction branch a modality is read by: the text stream is the image backbone's."""
+    return "image" if modality in ("image", TEXT_STREAM) else "text"
+
+
 class Experiment:
     """Holds the configuration, the dataset, the store and (lazily) the models of one run folder."""
 
@@ -149,6 +157,26 @@ class Experiment:
 
         return TextFeatureExtractor(self._backbone("text"), compile=self.cfg.extract.compile)
 
+    @cached_property
+    def stream_extractor(self):
+        """The image backbone read at its text tokens (``fusion.ablations: [streams]``): the same loaded MMDiT,
+        its VAE and prompt encoder shared, not loaded twice."""
+        from difffeat.features.extract import ImageFeatureExtractor
+
+        backbone = self.image_extractor.backbone
+        if not getattr(getattr(backbone, "spec", None), "joint", False):
+            raise ConfigError(
+                "fusion.ablations", f"streams reads the text tokens of a joint text+image backbone (sd3, flux); "
+                f"the {backbone.family} backbone has none"
+            )  # fmt: skip
+        return ImageFeatureExtractor(backbone.with_stream("text"), compile=self.cfg.extract.compile)
+
+    def stream_cell(self, image_cell: Cell) -> Cell:
+        """Where the text stream is read: the image cell, or the deepest earlier block whose output carries text
+        tokens where the image cell's block has none (SD3's last block updates only the image tokens)."""
+        block, t = image_cell
+        return max(b for b in self.stream_extractor.backbone.text_blocks() if b <= block), t
+
     def _backbone(self, modality: str):
         """The configured model through the backbone registry: the family named in the config or read from the
         source, given the options of its section that its loader takes (:func:`family_options`)."""
@@ -158,8 +186,15 @@ class Experiment:
         return load_backbone(source, modality, family, **family_options(model, modality, family)).to(self.device)
 
     def model_name(self, modality: str) -> str:
-        m = self.cfg.image if modality == "image" else self.cfg.text
-        return model_name(m.dit if modality == "image" else m.ddit, m.name)
+        m = self.cfg.image if branch(modality) == "image" else self.cfg.text
+        name = model_name(m.dit if branch(modality) == "image" else m.ddit, m.name)
+        return f"{name}-text-stream" if modality == TEXT_STREAM else name
+
+    def model_options(self, modality: str) -> ImageModelOptions | TextModelOptions:
+        """The model section a modality reads: the text stream is the image section with ``stream: text``."""
+        if modality == TEXT_STREAM:
+            return replace(self.cfg.image, stream="text")
+        return self.cfg.image if modality == "image" else self.cfg.text
 
     @cached_property
     def identities(self) -> dict[str, dict[str, str | None]]:
@@ -174,6 +209,8 @@ class Experiment:
         return out
 
     def extractor(self, modality: str):
+        if modality == TEXT_STREAM:
+            return self.stream_extractor
         return self.image_extractor if modality == "image" else self.text_extractor
 
     def depth(self, modality: str) -> int:
@@ -215,10 +252,11 @@ class Experiment:
     def ensure(self, modality: str, blocks: Sequence[int], timesteps: Sequence[float], splits: Sequence[str]) -> None:
         """Extract whatever of blocks x timesteps is missing: one truncated forward per timestep and batch."""
         for split in splits:
-            if modality == "image":
+            if branch(modality) == "image":
                 extract_image_split(
-                    self.store, self.image_extractor, self.data.split(split), self.model_name("image"), self.cfg.image,
-                    self.cfg.extract, blocks, timesteps, self.identities["image"], self.massive(blocks), **self.dist,
+                    self.store, self.extractor(modality), self.data.split(split), self.model_name(modality),
+                    self.model_options(modality), self.cfg.extract, blocks, timesteps, self.identities["image"],
+                    self.massive(blocks, modality), **self.dist,
                 )  # fmt: skip
             else:
                 extract_text_split(
@@ -238,19 +276,21 @@ class Experiment:
         ids = [s.id for s in self.samples("train")[:MASSIVE_CALIBRATION_ROWS]]
         return {"mode": mode, "split": "train", "ids": ids_digest(ids), "times": self.grid("image")[1]}
 
-    def massive(self, blocks: Sequence[int]) -> Massive | None:
-        """The massive channels of ``blocks`` (and of every block measured before), measured on the calibration
-        rows where ``massive.json`` does not hold them for the current calibration yet."""
+    def massive(self, blocks: Sequence[int], modality: str = "image") -> Massive | None:
+        """The massive channels of ``blocks`` (and of every block measured before) of the image backbone's tokens
+        (``modality`` image, or its text stream), measured on the calibration rows where ``massive.json``
+        (``massive_text_stream.json``) does not hold them for the current calibration yet."""
         calibration = self.massive_calibration
         if calibration is None:
             return None
         blocks = resolve_indices(blocks, self.depth("image"))
-        path = self.out / "massive.json"
-        fingerprint = digest({"identity": self.identities["image"], "model": numbers_fields(self.cfg.image),
+        path = self.out / MASSIVE_FILES[modality]
+        model = self.model_options(modality)
+        fingerprint = digest({"identity": self.identities["image"], "model": numbers_fields(model),
                               "extract": numbers_fields(self.cfg.extract, "image"), **calibration})  # fmt: skip
         channels = _recorded_channels(path, fingerprint)
         if any(b not in channels for b in blocks):
-            extractor, split, rows = self.image_extractor, self.data.split("train"), self.rows("train")
+            extractor, split, rows = self.extractor(modality), self.data.split("train"), self.rows("train")
             vae, name = self.identities["image"]["vae"], self.model_name("image")
             latents = cache_latents(self.store, extractor, split, rows, name, self.cfg.extract, vae, **self.dist)
             with distributed.rank_zero_first(**self.dist):  # rank 0 measures and writes, the others read
@@ -258,7 +298,7 @@ class Experiment:
                 missing = [b for b in blocks if b not in channels]
                 if missing:
                     channels |= calibrate_massive(
-                        self.store, extractor, split, rows[:MASSIVE_CALIBRATION_ROWS], latents, self.cfg.image,
+                        self.store, extractor, split, rows[:MASSIVE_CALIBRATION_ROWS], latents, model,
                         self.cfg.extract, missing, calibration["times"],
                     )  # fmt: skip
                     if self.dist["rank"] == 0:
@@ -267,9 +307,10 @@ class Experiment:
                         atomic_write_json(path, record)
         return Massive(MassiveChannels(channels, calibration["mode"]), calibration)
 
-    def massive_record(self) -> dict | None:
-        """The channels measured in this run (``massive.json``), for metrics.json and the report."""
-        path = self.out / "massive.json"
+    def massive_record(self, modality: str = "image") -> dict | None:
+        """The channels measured in this run (``massive.json``, or the text stream's), for metrics.json and the
+        report."""
+        path = self.out / MASSIVE_FILES[modality]
         if self.massive_calibration is None or not path.exists():
             return None
         record = json.loads(path.read_text())
@@ -277,22 +318,22 @@ class Experiment:
 
     def variant(self, modality: str, split: str) -> str:
         """The store variant of this modality's entries of ``split`` (the same for every cell)."""
-        samples = self.samples(split)
-        model = self.cfg.image if modality == "image" else self.cfg.text
+        samples, side = self.samples(split), branch(modality)
+        model = self.model_options(modality)
         options = effective_options(model, self.extractor(modality))
-        massive = self.massive_calibration if modality == "image" else None
-        texts = entry_texts(modality, model, samples)
+        massive = self.massive_calibration if side == "image" else None
+        texts = entry_texts(side, model, samples)
         ids = [s.id for s in samples]
         return entry_variant(
-            entry_fingerprint(modality, options, self.cfg.extract, self.identities[modality], ids, massive, texts)
+            entry_fingerprint(side, options, self.cfg.extract, self.identities[side], ids, massive, texts)
         )
 
     def key(self, modality: str, cell: Cell, split: str, model: str | None = None) -> EntryKey:
-        options = self.cfg.extract
-        pool = options.pool if modality == "image" else options.text_pool
+        options, side = self.cfg.extract, branch(modality)
+        pool = options.pool if side == "image" else options.text_pool
         name = model or self.model_name(modality)
         return EntryKey(
-            modality, name, cell[0], as_time(cell[1]), pool, options.seed, split, self.variant(modality, split),
+            side, name, cell[0], as_time(cell[1]), pool, options.seed, split, self.variant(modality, split),
             self.time(modality).name,
         )  # fmt: skip
 
@@ -534,8 +575,8 @@ def step_fit(exp: Experiment) -> dict[str, FusionResult]:
 def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list[Callable[[str], np.ndarray]], dict]]:
     """name -> (feature getters per input, FusionOptions overrides)."""
 
-    def feat(m: str) -> Callable[[str], np.ndarray]:
-        return lambda split: exp.features(m, cells[m], split)
+    def feat(m: str, cell: Cell | None = None) -> Callable[[str], np.ndarray]:
+        return lambda split: exp.features(m, cell or cells[m], split)
 
     mods = [m for m in ("image", "text") if m in cells]
     specs: dict[str, tuple[list, dict]] = {"fused" if len(mods) == 2 else mods[0]: ([feat(m) for m in mods], {})}
@@ -547,6 +588,10 @@ def _head_specs(exp: Experiment, cells: dict[str, Cell]) -> dict[str, tuple[list
             specs["concat"] = ([feat(m) for m in mods], {"mode": "concat"})
         elif ab.startswith("width"):
             specs[f"fused_{ab}"] = ([feat(m) for m in mods], {"width": int(ab[5:])})
+        elif ab == "streams" and "image" in mods:  # one backbone, both modalities: the MMDiT's two token streams
+            text_stream = feat(TEXT_STREAM, exp.stream_cell(cells["image"]))
+            specs[TEXT_STREAM] = ([text_stream], {})
+            specs["streams"] = ([feat("image"), text_stream], {})
     if "pixels" in f.baselines:
         specs["pixels"] = ([lambda split: pixel_features(exp, split)], {})
     if "random_init" in f.baselines:

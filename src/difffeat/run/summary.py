@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from difffeat.analysis import clustering_scores, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
-from difffeat.heads.fusion import FusionResult
+from difffeat.heads.fusion import TEXT_STREAM, FusionResult
 from difffeat.run.report import render_report, write_metrics_json
 from difffeat.utils.times import as_time
 
@@ -222,6 +222,11 @@ def _curve_notes(curve: dict[str, dict[str, float | None]]) -> list[str]:
     ]
 
 
+def _read_cells(exp, cells: dict, results: dict) -> dict:
+    """The chosen cells, and the text stream's where the run read it (``streams``)."""
+    return {**cells, TEXT_STREAM: exp.stream_cell(cells["image"])} if TEXT_STREAM in results else cells
+
+
 def build_report(exp, seconds: float | None = None) -> None:
     search = json.loads((exp.out / "search.json").read_text())
     results = json.loads((exp.out / "results.json").read_text())
@@ -249,10 +254,12 @@ def build_report(exp, seconds: float | None = None) -> None:
     late = still_improving(exp, heads)
     skipped = skipped_records(exp)
     massive = exp.massive_record()
+    massive_stream = exp.massive_record(TEXT_STREAM) if TEXT_STREAM in results else None
+    read_cells = _read_cells(exp, cells, results)
     summary = {
         "dataset": exp.data.name,
         "num_classes": exp.data.num_classes,
-        "chosen": {m: {"block": c[0], "t": c[1], "time": exp.time(m).name} for m, c in cells.items()},
+        "chosen": {m: {"block": c[0], "t": c[1], "time": exp.time(m).name} for m, c in read_cells.items()},
         "test": results,
         "search": {k: search[k] for k in ("num_scored_unimodal", "num_scored_pair", "num_evaluations_unimodal",
                                           "num_evaluations", "num_evaluations_pair",
@@ -265,6 +272,7 @@ def build_report(exp, seconds: float | None = None) -> None:
         "skipped_records": skipped,
         "label_efficiency": curve,
         "massive": massive,
+        "massive_text_stream": massive_stream,
     }  # fmt: skip
     write_metrics_json(exp.out / "metrics.json", summary)
     notes = [f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items() if ok is not None]
@@ -273,10 +281,12 @@ def build_report(exp, seconds: float | None = None) -> None:
         notes.append(f"{truncated} captions were longer than the text model's length and were truncated.")
     if note := _still_improving_note(late):
         notes.append(note)
-    if massive:
-        notes += [
-            f"Massive activations ({massive['mode']}), block {b}: channels {c}" for b, c in massive["channels"].items()
-        ]
+    for where, record in (("", massive), (" of the text stream", massive_stream)):
+        if record:
+            notes += [
+                f"Massive activations{where} ({record['mode']}), block {b}: channels {c}"
+                for b, c in record["channels"].items()
+            ]
     if skipped:
         notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
     notes += _curve_notes(curve or {})
