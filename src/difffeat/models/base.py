@@ -268,8 +268,10 @@ def resolve_family(source: str | Path, modality: str, family: str | None = None)
 def loader_options(family: str) -> set[str]:
     """The keyword options the family's ``from_pretrained`` takes, so a caller can tell an option the family
     reads from one it would silently not (a config's ``stream`` on a DiT)."""
-    parameters = inspect.signature(backbone_class(family).from_pretrained).parameters
-    return {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    cls = backbone_class(family)
+    loaders = [cls.from_pretrained, *([cls.load_model] if hasattr(cls, "load_model") else [])]  # text: both
+    parameters = [p for f in loaders for p in inspect.signature(f).parameters.values()]
+    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def load_backbone(source: str | Path, modality: str, family: str | None = None, **options: Any) -> Backbone:

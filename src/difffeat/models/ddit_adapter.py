@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.models.adapter import BlocksAdapter
+from difffeat.models.adapter import BlocksAdapter, CaptionsAdapter
 from difffeat.models.base import MASKED, Clean, hub_id_mentions
 from difffeat.models.ddit import DDiT
 from difffeat.models.ddit_load import is_radd_config, load_ddit
@@ -31,21 +31,17 @@ def default_tokenizer(source: str) -> str:
     return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "gpt2"
 
 
-class DDiTAdapter(BlocksAdapter):
-    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer. Captions longer than ``max_length``
-    (at most the model's trained length) are truncated and counted in ``num_truncated``."""
+class DDiTAdapter(CaptionsAdapter, BlocksAdapter):
+    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer (tokenizing, truncation and the absence
+    of a condition are :class:`CaptionsAdapter`'s)."""
 
     family = "ddit"
-    modality = "text"
     time = MASKED
 
     def __init__(self, model: DDiT, tokenizer: TextTokenizer, *, max_length: int | None = None):
+        super().__init__(tokenizer, max_length, model.max_length)
         self.module = model.eval()
-        self.tokenizer = tokenizer
-        self.max_length = min(max_length or model.max_length, model.max_length)
         self.schedule = LogLinearSchedule()
-        self.num_truncated = 0
-        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -66,39 +62,18 @@ class DDiTAdapter(BlocksAdapter):
         return hub_id_mentions(source, "sedd", "mdlm")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-    ) -> DDiTAdapter:
-        """``tokenizer`` defaults to ``tokenizer.json`` beside our own models, else GPT-2's; its special tokens
-        default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS). ``dtype`` is the weights'."""
-        model = load_ddit(source).to(torch_dtype(dtype))
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(
-                tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind
-            )
-        return cls(model, tokenizer, max_length=max_length)
+    def load_model(cls, source: str, *, dtype: str = "float32") -> DDiT:
+        return load_ddit(source).to(torch_dtype(dtype))
+
+    @classmethod
+    def load_tokenizer(cls, source: str, model: DDiT, tokenizer: str | None, add_special: str | None) -> TextTokenizer:
+        """``tokenizer.json`` beside our own models, else GPT-2's; special tokens as the model kind saw in training
+        (SEDD: EOS, MDLM: BOS + EOS)."""
+        return load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind)
 
     # ---- the five questions ------------------------------------------------------------------------------------
-    # (depth, device, to, layers and compile_blocks are BlocksAdapter's)
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
-        it extracts, so each caption is tokenized, and its truncation counted, once."""
-        key = tuple(texts)
-        if key not in self._tokens:
-            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length)
-            self.num_truncated += int(n_trunc)
-            self._tokens[key] = (ids, mask.bool())
-        return self._tokens[key]
-
-    def encode(self, inputs: Sequence[str], keys: Sequence[str | int], seed: int) -> Clean:
-        return Clean(*self.tokenize(list(inputs)))
-
+    # (depth, device, to, layers and compile_blocks are BlocksAdapter's; tokenize, encode, condition
+    # CaptionsAdapter's)
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """Absorbing-state corruption at step ``t``, on the CPU ids (per-caption seeded draws), so the device
         gets one copy and no per-caption indexing."""
@@ -107,14 +82,6 @@ class DDiTAdapter(BlocksAdapter):
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """sigma(step / 1000), the noise level the DDiT's sigma embedding reads (CPU)."""
         return self.schedule.sigma(self.schedule.t_of_step(int(t))).float().expand(n)
-
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Nothing: SEDD and MDLM are unconditional (the captions are the input, not a condition)."""
-        if label is not None or captions is not None:
-            raise ValueError("a DDiT (SEDD/MDLM) takes no class label or caption condition")
-        return {}
 
     def forward_intermediates(
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any

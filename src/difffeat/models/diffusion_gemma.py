@@ -45,11 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.models.adapter import ModuleAdapter
+from difffeat.models.adapter import CaptionsAdapter
 from difffeat.models.base import Clean, Layer, TimeConvention, block_layers, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import resolve_indices
-from difffeat.models.ddit_adapter import DDiTAdapter
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.schedule import per_sample_rand
 from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
@@ -89,24 +88,17 @@ def gemma_layers(text_config: Any) -> list[Layer]:
     return block_layers(text_config.num_hidden_layers, text_config.hidden_size, "model.decoder.layers")
 
 
-class DiffusionGemmaBackbone(ModuleAdapter):
+class DiffusionGemmaBackbone(CaptionsAdapter):
     """A loaded ``DiffusionGemmaForBlockDiffusion`` with its tokenizer (see the module docstring for what is read)."""
 
     family = MODEL_TYPE
-    modality = "text"
     time = UNIFORM
 
-    def __init__(
-        self, model: nn.Module, tokenizer: TextTokenizer, *, max_length: int | None = None, placed: bool = False
-    ):
+    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, *, max_length: int | None = None):
+        super().__init__(tokenizer, max_length, model.config.canvas_length)
         self.module = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
         self.text_config = model.config.text_config
-        canvas = model.config.canvas_length
-        self.max_length = min(max_length or canvas, canvas)
-        self.placed = placed
-        self.num_truncated = 0
-        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.placed = False  # True once a device_map placed the weights (from_pretrained)
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -122,35 +114,37 @@ class DiffusionGemmaBackbone(ModuleAdapter):
         return hub_id_mentions(source, "diffusiongemma", "diffusion-gemma", "diffusion_gemma")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-        device_map: str | None = None,
-        allow_large: bool = False,
-    ) -> DiffusionGemmaBackbone:
-        """The config is read first and the parameter count checked before any weight is fetched or read.
+    def from_pretrained(cls, source: str, *, device_map: str | None = None, **options: Any) -> DiffusionGemmaBackbone:
+        """As every text backbone (:meth:`CaptionsAdapter.from_pretrained`); with a ``device_map`` the backbone
+        stays where transformers put it (a split model must stay split)."""
+        backbone = super().from_pretrained(source, device_map=device_map, **options)
+        backbone.placed = device_map is not None
+        return backbone
 
-        ``tokenizer`` defaults to the model's own (its folder / hub id); captions get no special tokens by default
-        (``add_special``), since [BOS] is the prompt and a canvas is plain text. ``device_map`` (e.g. ``"cuda"``,
-        ``"auto"``) places the weights as transformers does; the backbone then stays where it was put.
-        """
+    @classmethod
+    def load_model(
+        cls, source: str, *, dtype: str = "float32", device_map: str | None = None, allow_large: bool = False
+    ) -> nn.Module:
+        """The config is read first and the parameter count checked before any weight is fetched or read.
+        ``device_map`` (e.g. ``"cuda"``, ``"auto"``) places the weights as transformers does; the backbone then
+        stays where it was put."""
         from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
         if device_map is not None and importlib.util.find_spec("accelerate") is None:
             raise CheckpointError("text.device_map needs the accelerate package: pip install 'difffeat[large]'")
         config = DiffusionGemmaConfig.from_pretrained(source)
         refuse_large(meta_parameter_count(lambda: DiffusionGemmaForBlockDiffusion(config)), source, allow_large)
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(
             source, config=config, dtype=torch_dtype(dtype), device_map=device_map
         )
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(tokenizer or source, add_special=add_special or "none")
-        return cls(model, tokenizer, max_length=max_length, placed=device_map is not None)
+
+    @classmethod
+    def load_tokenizer(
+        cls, source: str, model: nn.Module, tokenizer: str | None, add_special: str | None
+    ) -> TextTokenizer:
+        """The model's own (its folder / hub id); no special tokens by default, since [BOS] is the prompt and a
+        canvas is plain text."""
+        return load_tokenizer(tokenizer or source, add_special=add_special or "none")
 
     # ---- the five questions ------------------------------------------------------------------------------------
     @property
@@ -170,23 +164,12 @@ class DiffusionGemmaBackbone(ModuleAdapter):
             self.module.to(device)
         return self
 
-    tokenize = DDiTAdapter.tokenize  # padded ids and mask, memoised per batch, truncation counted once
-    encode = DDiTAdapter.encode
-
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         return uniform_corrupt(x0.x, x0.mask, keys, int(t), self.text_config.vocab_size, seed, draw)
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The replaced fraction step / 1000 (CPU), for the record: the decoder reads no time."""
         return torch.full((n,), int(t) / 1000)
-
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Nothing per row: the prompt is the fixed [BOS] (see the module docstring)."""
-        if label is not None or captions is not None:
-            raise ValueError("DiffusionGemma's canvas is the caption; it takes no class label or caption condition")
-        return {}
 
     def forward_intermediates(
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any

@@ -333,31 +333,16 @@ class RADDAdapter(DDiTAdapter):
         return hub_id_mentions(source, "radd")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-        allow_large: bool = False,
-    ) -> RADDAdapter:
-        model = load_radd(source, dtype=dtype, allow_large=allow_large)
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind="sedd")
-        return cls(model, tokenizer, max_length=max_length)
+    def load_model(cls, source: str, *, dtype: str = "float32", allow_large: bool = False) -> RADD:
+        return load_radd(source, dtype=dtype, allow_large=allow_large)
+
+    @classmethod
+    def load_tokenizer(cls, source: str, model: RADD, tokenizer: str | None, add_special: str | None) -> TextTokenizer:
+        return load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind="sedd")
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The masking probability of step ``t`` (CPU), for the record: RADD's forward reads no time."""
         return self.schedule.mask_prob(self.schedule.t_of_step(int(t))).float().expand(n)
-
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        if label is not None or captions is not None:
-            raise ValueError("RADD takes no class label or caption condition")
-        return {}
 
     def forward_intermediates(
         self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
