@@ -1,4 +1,5 @@
-"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding and block-index resolution.
+"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding, block-index resolution and the early exit of
+a forward we do not own (a diffusers or transformers model) from a hook.
 
 Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.checkpoints`.
 """
@@ -6,8 +7,11 @@ Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.che
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, denom_shift: int = 0) -> torch.Tensor:
@@ -41,3 +45,19 @@ def resolve_indices(blocks, depth: int, what: str = "block") -> list[int]:
     if not out:
         raise ValueError(f"no {what} requested")
     return sorted(out)
+
+
+class StopForward(Exception):
+    """Raised by a forward hook once the deepest asked block has given its output: the rest is not run."""
+
+
+def run_until_stopped(forward: Callable[[], Any], handles: Sequence[RemovableHandle]) -> None:
+    """Run ``forward``, whose hooks capture block outputs and may stop it with :class:`StopForward`, and remove
+    the hooks whatever happens, so a failed call leaves the model as it was."""
+    try:
+        forward()
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
