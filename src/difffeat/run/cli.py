@@ -181,39 +181,35 @@ _MaxSeconds = Annotated[
 _Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the recipe's, auto)")]
 
 
-def _overrides(steps: int | None, seed: int | None, device: str | None) -> dict:
-    given = {"steps": steps, "seed": seed, "device": device}
-    return {k: v for k, v in given.items() if v is not None}
+def _zoo_trainer(name: str, default_out: str, trainer: str, doc: str) -> None:
+    """Register ``difffeat zoo NAME``: one command per demo model, the same options, the trainer named."""
+
+    def command(
+        out: _CheckpointFolder = default_out,
+        steps: _TrainSteps = None,
+        seed: int | None = None,
+        device: _Device = None,
+        max_seconds: _MaxSeconds = None,
+    ) -> None:
+        from difffeat.run import demo
+
+        given = {"steps": steps, "seed": seed, "device": device}
+        getattr(demo, trainer)(out, max_seconds=max_seconds, **{k: v for k, v in given.items() if v is not None})
+
+    command.__doc__ = doc
+    zoo_app.command(name)(command)
 
 
-@zoo_app.command("train-dit")
-def train_dit_cmd(
-    out: _CheckpointFolder = "zoo/demo-dit",
-    steps: _TrainSteps = None,
-    seed: int | None = None,
-    device: _Device = None,
-    max_seconds: _MaxSeconds = None,
-) -> None:
-    """Train the tiny pixel-space DiT (DDPM epsilon loss) on demo world 2's unlabeled pool, from the committed
-    model's recipe.json."""
-    from difffeat.run.demo import train_demo_dit
-
-    train_demo_dit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
-
-
-@zoo_app.command("train-ddit")
-def train_ddit_cmd(
-    out: _CheckpointFolder = "zoo/demo-ddit",
-    steps: _TrainSteps = None,
-    seed: int | None = None,
-    device: _Device = None,
-    max_seconds: _MaxSeconds = None,
-) -> None:
-    """Train the tiny text DDiT (SEDD's score entropy) and its word tokenizer on the pool's captions, from the
-    committed model's recipe.json."""
-    from difffeat.run.demo import train_demo_ddit
-
-    train_demo_ddit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
+_zoo_trainer(
+    "train-dit", "zoo/demo-dit", "train_demo_dit",
+    "Train the tiny pixel-space DiT (DDPM epsilon loss) on demo world 2's unlabeled pool, from the committed model's "
+    "recipe.json.",
+)  # fmt: skip
+_zoo_trainer(
+    "train-ddit", "zoo/demo-ddit", "train_demo_ddit",
+    "Train the tiny text DDiT (SEDD's score entropy) and its word tokenizer on the pool's captions, from the "
+    "committed model's recipe.json.",
+)  # fmt: skip
 
 
 @app.command("layers")
