@@ -175,17 +175,23 @@ class Rotary(nn.Module):
 class DDiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN (shift, scale, gate) x (attention, MLP) from the sigma condition."""
 
+    norm: type[nn.Module] = LayerNorm
+
     def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int):
         super().__init__()
+        self._attention_and_mlp(dim, n_heads, mlp_ratio)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def _attention_and_mlp(self, dim: int, n_heads: int, mlp_ratio: int) -> None:
+        """SEDD's attention and MLP, in its parameter order (RADD's block is these without the adaLN)."""
         self.n_heads = n_heads
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = self.norm(dim)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = self.norm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
         )
-        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None

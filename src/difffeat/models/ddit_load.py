@@ -180,15 +180,19 @@ def _sedd_config(raw: dict) -> DDiTConfig:
         raise ValueError(f"graph type {graph!r}: only SEDD's absorbing graph has a [MASK] token to corrupt with")
     m = raw["model"]
     return DDiTConfig(
-        vocab_size=raw["tokens"] + 1,
-        hidden_size=m["hidden_size"],
-        cond_dim=m["cond_dim"],
-        n_heads=m["n_heads"],
-        n_blocks=m["n_blocks"],
-        length=m.get("length", raw.get("length", 1024)),
-        scale_by_sigma=m.get("scale_by_sigma", True),
-        kind="sedd",
+        **sedd_hydra_fields(raw), cond_dim=m["cond_dim"], scale_by_sigma=m.get("scale_by_sigma", True), kind="sedd"
     )
+
+
+def sedd_hydra_fields(raw: dict) -> dict:
+    """What SEDD's nested Hydra config (and RADD's, which nests alike) says of the network: vocab = tokens + 1
+    (the absorbing [MASK] is the last id), width, heads, blocks and the trained length (under ``model`` or at the
+    top, as SEDD's configs put it in either place)."""
+    m = raw["model"]
+    return dict(
+        vocab_size=raw["tokens"] + 1, hidden_size=m["hidden_size"], n_heads=m["n_heads"], n_blocks=m["n_blocks"],
+        length=m.get("length", raw.get("length", 1024)),
+    )  # fmt: skip
 
 
 def _mdlm_config(raw: dict) -> DDiTConfig:

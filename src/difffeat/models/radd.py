@@ -51,6 +51,7 @@ from difffeat.models.ddit_load import (
     _shadows,
     fetch_from_hub,
     is_radd_config,
+    sedd_hydra_fields,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
@@ -102,21 +103,14 @@ class BiasLayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class RADDBlock(nn.Module):
-    """``DDiTBlockWot``: SEDD's block without adaLN (attention exactly SEDD's, hence its ``attend``)."""
+class RADDBlock(DDiTBlock):
+    """``DDiTBlockWot``: SEDD's block without adaLN (attention and MLP exactly SEDD's), LayerNorms with bias."""
 
-    attend = DDiTBlock.attend
+    norm = BiasLayerNorm
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.norm1 = BiasLayerNorm(dim)
-        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = BiasLayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
-        )
+        nn.Module.__init__(self)
+        self._attention_and_mlp(dim, n_heads, mlp_ratio)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
@@ -202,14 +196,7 @@ class RADD(nn.Module):
 def radd_config(raw: dict, source: str) -> RADDConfig:
     """vocab = tokens + 1 (the absorbing [MASK] is the last id), as ``RADD.__init__``."""
     try:
-        m = raw["model"]
-        return RADDConfig(
-            vocab_size=raw["tokens"] + 1,
-            hidden_size=m["hidden_size"],
-            n_heads=m["n_heads"],
-            n_blocks=m["n_blocks"],
-            length=m.get("length", 1024),
-        )
+        return RADDConfig(**sedd_hydra_fields(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: cannot build a RADD config from it ({exc!r})") from exc
 
