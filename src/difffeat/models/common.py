@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -61,3 +61,20 @@ def run_until_stopped(forward: Callable[[], Any], handles: Sequence[RemovableHan
     finally:
         for handle in handles:
             handle.remove()
+
+
+class PresetConfig:
+    """Named presets and the per-head width, for the text models' config dataclasses (SEDD/MDLM's and RADD's)."""
+
+    presets: ClassVar[dict[str, dict]]
+    kind_name: ClassVar[str]
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Any:
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.kind_name} preset {name!r}; known: {', '.join(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads

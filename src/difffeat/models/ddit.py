@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.models.common import resolve_indices, timestep_embedding
+from difffeat.models.common import PresetConfig, resolve_indices, timestep_embedding
 
 KINDS = ("sedd", "mdlm")
 FREQ_EMBED_DIM = 256  # GLIDE embedding width fed to sigma_map (SEDD's TimestepEmbedder default)
@@ -43,13 +44,16 @@ DDIT_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class DDiTConfig:
+class DDiTConfig(PresetConfig):
     """Architecture of a DDiT. Defaults are SEDD-small on GPT-2 tokens plus one absorbing [MASK] token.
 
     ``kind`` only changes :meth:`DDiT.log_score` (SEDD score vs MDLM SUBS). ``time_conditioning=False`` (MDLM's
     default) replaces sigma by 0 inside the model, as MDLM's backbone does, so callers may pass any sigma.
     ``length`` is the trained context length; longer inputs are refused.
     """
+
+    presets: ClassVar[dict[str, dict]] = DDIT_PRESETS
+    kind_name: ClassVar[str] = "DDiT"
 
     vocab_size: int = 50258
     hidden_size: int = 768
@@ -72,16 +76,6 @@ class DDiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
         if not 0 <= self.mask_index < self.vocab_size:
             raise ValueError(f"mask_index {self.mask_index} is outside the vocabulary (size {self.vocab_size})")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> DDiTConfig:
-        if name not in DDIT_PRESETS:
-            raise ValueError(f"unknown DDiT preset {name!r}; known: {', '.join(DDIT_PRESETS)}")
-        return cls(**{**DDIT_PRESETS[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
 
 
 # --------------------------------------------------------------------------------------------------------------

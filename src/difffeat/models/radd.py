@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import nn
 
 from difffeat.models.base import hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, strict_load, tensors_by_name
-from difffeat.models.common import resolve_indices
+from difffeat.models.common import PresetConfig, resolve_indices
 from difffeat.models.ddit import DDiTBlock, EmbeddingLayer, Rotary, _key_mask
 from difffeat.models.ddit_adapter import DDiTAdapter, default_tokenizer
 from difffeat.models.ddit_load import (
@@ -63,8 +63,11 @@ RADD_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class RADDConfig:
+class RADDConfig(PresetConfig):
     """Architecture of a RADD network; defaults are RADD-small on GPT-2 tokens plus [MASK] (the last id)."""
+
+    presets: ClassVar[dict[str, dict]] = RADD_PRESETS
+    kind_name: ClassVar[str] = "RADD"
 
     vocab_size: int = 50258
     hidden_size: int = 768
@@ -76,16 +79,6 @@ class RADDConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> RADDConfig:
-        if name not in RADD_PRESETS:
-            raise ValueError(f"unknown RADD preset {name!r}; known: {', '.join(RADD_PRESETS)}")
-        return cls(**{**RADD_PRESETS[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
 
 
 class BiasLayerNorm(nn.Module):
