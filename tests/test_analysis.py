@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from difffeat.analysis import (
     CLUSTERING_BETTER,
     clustering_scores,
+    plot_curve,
     plot_heatmap,
     plot_tsne,
     single_label_subset,
@@ -128,6 +129,23 @@ def test_heatmap_with_nan_cells_best_and_search_path_is_a_png(tmp_path):
         search_path=[(4, 250), (8, 500)],
     )
     assert_png(path)
+
+
+def test_curve_plot_draws_one_line_per_head_on_a_log_axis(tmp_path, monkeypatch):
+    import difffeat.analysis as analysis
+
+    saved = []
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: saved.append(fig))
+    curve = {"fused": {"100": 33.2, "300": 45.8, "1000": 57.3}, "pixels": {"100": 19.1, "300": None, "1000": 24.0}}
+    plot_curve(curve, tmp_path / "curve.png")
+    (ax,) = saved[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"fused": ([100, 300, 1000], [33.2, 45.8, 57.3]), "pixels": ([100, 1000], [19.1, 24.0])}
+    assert ax.get_xscale() == "log"
+
+
+def test_curve_plot_is_a_png(tmp_path):
+    assert_png(plot_curve({"fused": {"100": 33.2, "1000": 57.3}}, tmp_path / "c.png"))
 
 
 def test_heatmap_rejects_cells_off_the_grid(tmp_path):

@@ -115,6 +115,26 @@ def plot_heatmap(
     return _save(fig, path)
 
 
+def plot_curve(curve: dict[str, dict[str, float | None]], path: str | Path, value_label: str = "test mAP") -> Path:
+    """The label-efficiency curve: one line per head, its test score against the number of labeled train rows
+    (log scale: the question is what each tenfold of labels buys). Points a head does not have are left out."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for name, row in curve.items():
+        points = sorted((int(n), v) for n, v in row.items() if v is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax.set_xscale("log")
+    sizes = sorted({int(n) for row in curve.values() for n in row})
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)  # the sizes themselves, not powers of ten
+    ax.minorticks_off()
+    ax.set_xlabel("labeled train rows")
+    ax.set_ylabel(value_label)
+    ax.set_title("Label efficiency")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def tsne_embed(features: np.ndarray, seed: int, perplexity: float = 30.0, max_iter: int = 1000) -> np.ndarray:
     """2-D t-SNE of ``features`` [N, D], deterministic given ``seed`` (PCA to 50 dims first when D > 50).
 

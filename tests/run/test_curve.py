@@ -52,7 +52,9 @@ def test_curve_refits_every_head_on_prefixes(finished, monkeypatch):
     build_report(exp)
     metrics = json.loads((exp.out / "metrics.json").read_text())
     assert metrics["label_efficiency"] == curve
-    assert "label efficiency, fused: 40 labels" in (exp.out / "report.html").read_text()
+    section = (exp.out / "report.html").read_text().split('<section id="curve">')[1].split("</section>")[0]
+    assert "<th>40 labels</th>" in section and "<td>fused</td>" in section and "data:image/png" in section
+    assert (exp.out / "label_efficiency.png").exists()
 
 
 def test_a_changed_recipe_refits_the_curve(finished, monkeypatch):

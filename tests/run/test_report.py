@@ -73,6 +73,8 @@ def report(tmp_path):
         clustering=[{"name": "image", "silhouette": 0.5, "davies_bouldin": 0.7}],
         search=search.to_dict(),
         notes=["first note", "<b>not bold</b>"],
+        curve_table=[{"name": "fused", "100 labels": 33.2, "1000 labels": 57.3}],
+        curve_plot=png(tmp_path / "curve.png", (0, 200, 0)),
     )
     text = path.read_text(encoding="utf-8")
     checker = TagChecker()
@@ -92,8 +94,20 @@ def test_report_is_well_formed(report):
 
 def test_report_has_every_section(report):
     text, _ = report
-    for anchor in ("configuration", "metrics", "ablation", "heatmaps", "search", "tsne", "clustering", "notes"):
+    for anchor in (
+        "configuration",
+        "metrics",
+        "ablation",
+        "curve",
+        "heatmaps",
+        "search",
+        "tsne",
+        "clustering",
+        "notes",
+    ):
         assert f'<section id="{anchor}">' in text
+    curve = text.split('<section id="curve">')[1].split("</section>")[0]
+    assert "<th>100 labels</th>" in curve and '<td class="num">57.30</td>' in curve and "data:image/png" in curve
 
 
 def test_report_is_self_contained_with_embedded_pngs(report):
@@ -101,7 +115,7 @@ def test_report_is_self_contained_with_embedded_pngs(report):
     assert not [link for link in checker.links if re.match(r"\s*(https?:)?//", link)]
     assert all(link.startswith(("#", "data:image/png;base64,")) for link in checker.links)
     images = [link for link in checker.links if link.startswith("data:")]
-    assert len(images) == 3  # two heatmaps and the t-SNE picture
+    assert len(images) == 4  # two heatmaps, the label-efficiency curve and the t-SNE picture
     for uri in images:
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as image:
             assert image.format == "PNG" and image.size == (8, 6)

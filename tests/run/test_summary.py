@@ -136,3 +136,12 @@ def test_every_record_left_out_is_listed_with_its_reason():
         {"record": "s3", "reason": "sample 's3': cannot decode image img3.png", "left out by": "image check (train)"},
         {"record": "t1", "reason": "not found", "left out by": "image check (test)"},
     ]
+
+
+def test_curve_table_has_one_row_per_head_and_sizes_ascending():
+    from difffeat.run.summary import curve_table
+
+    rows = curve_table({"fused": {"1000": 57.3, "100": 33.2, "300": 45.8}, "pixels": {"100": 19.1, "1000": None}})
+    assert [list(r) for r in rows] == [["name", "100 labels", "300 labels", "1000 labels"]] * 2
+    assert rows[0] == {"name": "fused", "100 labels": 33.2, "300 labels": 45.8, "1000 labels": 57.3}
+    assert rows[1] == {"name": "pixels", "100 labels": 19.1, "300 labels": None, "1000 labels": None}

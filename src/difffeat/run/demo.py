@@ -81,6 +81,8 @@ def print_summary(out: Path) -> None:
         table.add_row(name, *[f"{res[c]:.1f}" if res.get(c) is not None else "-" for c in cols])
     console = Console()
     console.print(table)
+    if m.get("label_efficiency"):
+        console.print(_curve_rich(m["label_efficiency"]))
     chosen = ", ".join(f"{k}: block {v['block']}, t {v['t']}" for k, v in m["chosen"].items())
     s = m["search"]
     console.print(f"chosen cells: {chosen}")
@@ -91,6 +93,21 @@ def print_summary(out: Path) -> None:
     for name, ok in m["checks"].items():
         console.print(f"  {name}: {'yes' if ok else 'NO' if ok is not None else 'n/a'}")
     console.print(f"report: {out / 'report.html'}  ({m['seconds']:.0f} s)")
+
+
+def _curve_rich(curve: dict):
+    """The label-efficiency table (test mAP of each head refitted on n labeled rows) for the terminal."""
+    from rich.table import Table
+
+    from difffeat.run.summary import curve_table
+
+    rows = curve_table(curve)
+    table = Table(title="label efficiency: test mAP with n labeled train rows")
+    for column in rows[0]:
+        table.add_column("features" if column == "name" else column, justify="left" if column == "name" else "right")
+    for row in rows:
+        table.add_row(row["name"], *[f"{v:.1f}" if v is not None else "-" for k, v in row.items() if k != "name"])
+    return table
 
 
 def committed_recipe(folder: Path) -> dict:

@@ -198,6 +198,13 @@ def _search_section(search: Mapping) -> str:
     return _summary_list(items) + details
 
 
+def _curve_section(rows: Sequence[Mapping], plot: str | Path | None) -> str:
+    if not rows:
+        return ""
+    figure = _figure(plot, "every head refitted on the first n train rows") if plot else ""
+    return _table(rows) + figure
+
+
 def _skipped_section(skipped: Sequence[Mapping]) -> str:
     return f"<details><summary>{len(skipped)} records, each with its reason</summary>{_table(skipped)}</details>"
 
@@ -249,19 +256,23 @@ def render_report(
     search: Mapping | None,
     notes: Sequence[str],
     skipped: Sequence[Mapping] = (),
+    curve_table: Sequence[Mapping] = (),
+    curve_plot: str | Path | None = None,
 ) -> Path:
     """Write one self-contained ``report.html`` and return its path.
 
     Table rows are dicts with a "name" and one key per column (numbers are shown to 2 decimals, None/NaN as a
     dash). ``search`` is ``SearchResult.to_dict()`` or the same shape. ``skipped`` lists every record left out of
-    the run with its reason (a count alone cannot be checked). Sections with nothing to show are left out, except
-    configuration and metrics, which every report has.
+    the run with its reason (a count alone cannot be checked). ``curve_table`` / ``curve_plot``: the
+    label-efficiency curve, every head's test score at each labeled-set size. Sections with nothing to show are
+    left out, except configuration and metrics, which every report has.
     """
     # What a reader looks for first comes first: results and the run's checks; the configuration closes the page.
     candidates = [
         ("metrics", "Metrics (fused vs unimodal, %)", _table(metrics_table)),
         ("notes", "Checks and notes", _notes(notes) if notes else ""),
         ("ablation", "Ablation", _table(ablation_table) if ablation_table else ""),
+        ("curve", "Label efficiency (test score by labeled train rows)", _curve_section(curve_table, curve_plot)),
         ("heatmaps", "Validation heatmaps and search path", _figures(heatmaps)),
         ("search", "Local search", _search_section(search) if search else ""),
         ("tsne", "t-SNE", _figure(tsne, "t-SNE of the test features, coloured by class") if tsne else ""),

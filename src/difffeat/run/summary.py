@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.analysis import clustering_scores, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
+from difffeat.analysis import (
+    clustering_scores,
+    plot_curve,
+    plot_heatmap,
+    plot_tsne,
+    single_label_subset,
+    tsne_embed,
+)
 from difffeat.heads.fusion import TEXT_STREAM, FusionResult
 from difffeat.run.report import render_report, write_metrics_json
 from difffeat.utils.times import as_time
@@ -213,13 +220,10 @@ def read_curve(out: Path, results: dict) -> dict[str, dict[str, float | None]] |
     return {name: entry["points"] for name, entry in json.loads(path.read_text()).items() if name in results}
 
 
-def _curve_notes(curve: dict[str, dict[str, float | None]]) -> list[str]:
-    """One report line per head: its test score at each labeled-set size."""
-    return [
-        f"label efficiency, {name}: "
-        + ", ".join(f"{n} labels {row[n]:.1f}" for n in sorted(row, key=int) if row[n] is not None)
-        for name, row in curve.items()
-    ]
+def curve_table(curve: dict[str, dict[str, float | None]]) -> list[dict]:
+    """Report/terminal rows: one per head, its test score at each labeled-set size (ascending)."""
+    sizes = sorted({n for row in curve.values() for n in row}, key=int)
+    return [{"name": name, **{f"{n} labels": row.get(n) for n in sizes}} for name, row in curve.items()]
 
 
 def _read_cells(exp, cells: dict, results: dict) -> dict:
@@ -289,7 +293,6 @@ def build_report(exp, seconds: float | None = None) -> None:
             ]
     if skipped:
         notes.append(f"{len(skipped)} records were left out of the run; 'Records left out' lists each with its reason.")
-    notes += _curve_notes(curve or {})
     render_report(
         exp.out / "report.html",
         title=f"difffeat: {exp.data.name}",
@@ -302,4 +305,6 @@ def build_report(exp, seconds: float | None = None) -> None:
         search=search,
         notes=notes,
         skipped=skipped,
+        curve_table=curve_table(curve) if curve else (),
+        curve_plot=plot_curve(curve, exp.out / "label_efficiency.png", f"test {key}") if curve else None,
     )
