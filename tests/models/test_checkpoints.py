@@ -341,6 +341,38 @@ def test_mdlm_lightning_ckpt_loads_its_ema_weights(tmp_path):
     assert not {m for m in set(sys.modules) - before if m.startswith(("omegaconf", "transformers.models.gpt2"))}
 
 
+def tensors_in(obj) -> dict[str, torch.Tensor]:
+    """Every tensor of a read checkpoint by its path (dicts and lists walked), for comparing two reads."""
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    return {f"{key}/{path}": t for key, value in items for path, t in tensors_in(value).items()}
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "state dict", "DiT training", "MDLM Lightning"])
+def test_shapes_only_reads_meta_tensors_of_the_same_shapes(tmp_path, layout):
+    from safetensors.torch import save_file
+
+    path = tmp_path / ("model.safetensors" if layout == "safetensors" else "model.pt")
+    if layout == "safetensors":
+        save_file({**DDiT(TINY_DDIT).state_dict(), "half": torch.zeros(3, dtype=torch.bfloat16)}, path)
+    elif layout == "state dict":
+        torch.save(DiT(TINY_DIT).state_dict(), path)
+    elif layout == "DiT training":
+        torch.save(dit_training_checkpoint()[0], path)
+    else:
+        write_mdlm_ckpt(path)
+    full, shapes = read_state_dict(path), read_state_dict(path, shapes_only=True)
+    full_tensors, meta = tensors_in(full), tensors_in(shapes)
+    assert meta.keys() == full_tensors.keys() and len(meta) > 10
+    for key, tensor in meta.items():
+        assert tensor.is_meta, key
+        assert (tensor.shape, tensor.dtype) == (full_tensors[key].shape, full_tensors[key].dtype), key
+    assert shapes.keys() == full.keys()
+    if layout == "DiT training":
+        assert shapes["args"] == full["args"]  # what is not a tensor is read as before
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Files that are not checkpoints say what they are
 # --------------------------------------------------------------------------------------------------------------

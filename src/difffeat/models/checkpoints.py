@@ -158,15 +158,18 @@ def read_state_dict(path: str | Path, *, shapes_only: bool = False) -> dict[str,
 
     A plain state dict comes back as name -> tensor; a training checkpoint as its top-level dict (``model``,
     ``ema``, ``state_dict``, ...), with omegaconf configs as plain data and anything else that is not a tensor
-    or plain data as :class:`Unloaded` records. No code from the file runs. ``shapes_only`` gives every tensor on
-    the meta device (shape and dtype, no data read), for describing a model of any size in a second.
+    or plain data as :class:`Unloaded` records. No code from the file runs.
+
+    ``shapes_only``: every tensor is on the meta device (shape and dtype, no data), so a 24 GB file is described
+    without reading its weights: safetensors from the header alone, torch zip archives through
+    ``map_location="meta"``, which creates meta storages instead of reading the records.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return _read_safetensors(path, shapes_only)
+            return _safetensors_shapes(path) if shapes_only else _safetensors(path)
         except Exception as exc:  # safetensors raises its own error types
             what = describe_file(path)
             raise CheckpointError(f"{path}: not a readable safetensors file: the file is {what}") from exc
@@ -199,14 +202,31 @@ def tensors_by_name(obj: Mapping[str, Any], source: str) -> dict[str, torch.Tens
     return dict(obj)
 
 
-def _read_safetensors(path: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    if not shapes_only:
-        return load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    return load_file(str(path))
+
+
+# safetensors' header dtype names (the format's specification)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shapes and dtypes the header lists; no tensor data is read (a dtype newer than the
+    table reads as uint8: what this path is for is the shapes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return {
+            name: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8), device="meta")
+            for name, s in slices.items()
+        }
 
 
 def _load_torch_pickle(path: Path, map_location: str = "cpu") -> Any:

@@ -284,9 +284,23 @@ def _fetch_from_hub(source: str | Path) -> Path:
         ) from exc
 
 
-def _read_file(path: Path) -> _Checkpoint:
+def dit_config_of(source: str | Path) -> DiTConfig:
+    """The config :func:`load_dit` builds for a file (its tensor shapes, read as meta tensors: no weight is read),
+    a folder or a hub id (its config.json alone), for ``difffeat layers``."""
+    path = Path(source)
+    if path.is_file():
+        return _read_file(path, shapes_only=True).own_config()
+    if not path.exists():  # a hub id: its transformer/config.json alone
+        from huggingface_hub import hf_hub_download
+
+        return _diffusers_folder_config(path, read_json(hf_hub_download(str(source), "transformer/config.json")))
+    path, cfg = _transformer_config(path)
+    return _own_config(path, cfg) if "architecture" in cfg else _diffusers_folder_config(path, cfg)
+
+
+def _read_file(path: Path, shapes_only: bool = False) -> _Checkpoint:
     """An official state dict, or a DiT training checkpoint (``find_model`` prefers ``ema`` over ``model``)."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, shapes_only=shapes_only)
     source = str(path)
     for wrapper in ("ema", "model"):
         if isinstance(sd.get(wrapper), Mapping):
@@ -298,27 +312,36 @@ def _read_file(path: Path) -> _Checkpoint:
 
 def _read_folder(path: Path) -> _Checkpoint:
     """Our own folder, a diffusers transformer folder, or a diffusers pipeline root holding ``transformer/``."""
-    if (path / "transformer").is_dir() and not (path / "config.json").is_file():
-        path = path / "transformer"
-    cfg = read_json(path / "config.json")
+    path, cfg = _transformer_config(path)
     if "architecture" in cfg:
-        return _read_own_folder(path, cfg)
-    if "num_layers" not in cfg:
-        raise CheckpointError(f"{path}: config.json is neither ours nor a diffusers DiT transformer config")
-    config = _config_from_diffusers(cfg, str(path))
+        config = _own_config(path, cfg)
+        return _Checkpoint(read_state_dict(path / "model.safetensors"), lambda: config)
+    config = _diffusers_folder_config(path, cfg)
     sd = dit_state_dict_from_diffusers(_read_diffusers_weights(path), source=str(path))
     return _Checkpoint(sd, lambda: config, implied_pos_embed=True)
 
 
-def _read_own_folder(path: Path, cfg: dict) -> _Checkpoint:
+def _transformer_config(path: Path) -> tuple[Path, dict]:
+    """The folder holding the transformer's config.json (a pipeline root's ``transformer/``) and that config."""
+    if (path / "transformer").is_dir() and not (path / "config.json").is_file():
+        path = path / "transformer"
+    return path, read_json(path / "config.json")
+
+
+def _diffusers_folder_config(path: Path, cfg: dict) -> DiTConfig:
+    if "num_layers" not in cfg:
+        raise CheckpointError(f"{path}: config.json is neither ours nor a diffusers DiT transformer config")
+    return _config_from_diffusers(cfg, str(path))
+
+
+def _own_config(path: Path, cfg: dict) -> DiTConfig:
     if cfg["architecture"] != "dit":
         raise CheckpointError(f"{path}: holds a {cfg['architecture']!r} model, not a DiT")
     known = {f.name for f in fields(DiTConfig)}
     unknown = sorted(set(cfg) - known - {"architecture"})
     if unknown:
         raise CheckpointError(f"{path}: config.json has fields DiTConfig does not know: {unknown}")
-    config = DiTConfig(**{k: v for k, v in cfg.items() if k in known})
-    return _Checkpoint(read_state_dict(path / "model.safetensors"), lambda: config)
+    return DiTConfig(**{k: v for k, v in cfg.items() if k in known})
 
 
 def _read_diffusers_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from difffeat.models.describe import FAMILIES as DESCRIBED_FAMILIES
 from difffeat.run.config import RunConfig, apply_overrides, load_config
 
 # plain click help: the rich panels show every flag as taking a <bool> value, which they do not
@@ -216,11 +217,7 @@ _zoo_trainer(
 def layers_cmd(
     source: Annotated[str, typer.Argument(help="a .pt checkpoint, a diffusers pipeline folder or a hub id")],
     backbone: Annotated[
-        str | None,
-        typer.Option(
-            help="family when the source does not tell: sit, dit, pixart, sd3, flux, diffusers, ddit (SEDD/MDLM), "
-            "radd, diffusion_gemma"
-        ),
+        str | None, typer.Option(help=f"family when the source does not tell: {', '.join(DESCRIBED_FAMILIES)}")
     ] = None,
 ) -> None:
     """A model's blocks (0-based), widths and time convention, from its configs or tensor shapes alone."""
