@@ -273,8 +273,11 @@ class Experiment:
         mode = self.cfg.image.massive
         if mode == "none" or "image" not in self.modalities:
             return None
-        ids = [s.id for s in self.samples("train")[:MASSIVE_CALIBRATION_ROWS]]
-        return {"mode": mode, "split": "train", "ids": ids_digest(ids), "times": self.grid("image")[1]}
+        samples = self.samples("train")[:MASSIVE_CALIBRATION_ROWS]
+        calibration = {"mode": mode, "split": "train", "ids": ids_digest([s.id for s in samples]),
+                       "times": self.grid("image")[1]}  # fmt: skip
+        texts = entry_texts("image", self.cfg.image, samples)  # caption-conditioned: the captions it read
+        return calibration if texts is None else {**calibration, "texts": ids_digest(texts)}
 
     def massive(self, blocks: Sequence[int], modality: str = "image") -> Massive | None:
         """The massive channels of ``blocks`` (and of every block measured before) of the image backbone's tokens
