@@ -191,3 +191,15 @@ def test_layers_table_of_a_sit_file_names_its_time_convention(sit_file):
 def test_layers_table_refuses_to_guess_dit_for_a_sit_named_file(sit_file):
     with pytest.raises(ValueError, match="backbone='sit'"):
         describe_source(sit_file[0])
+
+
+def test_a_run_configs_image_size_and_posterior_reach_a_sit_as_a_dit():
+    """They were taken through ``**options``, which ``loader_options`` cannot see: a config setting them was refused
+    for SiT although its loader reads them."""
+    from difffeat.features.options import ImageModelOptions
+    from difffeat.run.pipeline import family_options
+
+    options = ImageModelOptions(image_size=512, sample_posterior=False)
+    for family in ("sit", "dit"):
+        taken = family_options(options, "image", family)
+        assert taken["image_size"] == 512 and taken["sample_posterior"] is False

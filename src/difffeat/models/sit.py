@@ -102,15 +102,17 @@ class SiTBackbone(DiTAdapter):
         vae: str | nn.Module | None = None,
         path: str = "linear",
         vae_dtype: str | None = None,
-        **options: Any,
+        image_size: int | None = None,
+        sample_posterior: bool = True,
     ) -> SiTBackbone:
         """An official SiT checkpoint (see :func:`load_sit`) with its SD-VAE (``vae=``: a diffusers
         ``AutoencoderKL`` module, folder or hub id such as ``stabilityai/sd-vae-ft-ema``; no checkpoint file
-        carries one). ``vae_dtype``, and ``options`` (``image_size``, ``sample_posterior``), as for a DiT."""
+        carries one). ``vae_dtype``, ``image_size`` and ``sample_posterior`` as for a DiT: keyword-only, so a run
+        config's ``image.image_size`` reaches a SiT as it reaches a DiT (``loader_options`` reads them here)."""
         model = load_sit(source, path=path).module
         vae = resolve_vae(vae, source, model.config.in_channels, family="SiT", pipeline=False)
         vae = cast_vae(vae, vae_dtype)
-        return cls(model, vae, path=path, **options)
+        return cls(model, vae, path=path, image_size=image_size, sample_posterior=sample_posterior)
 
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """``x_t = alpha_t x0 + sigma_t eps`` with eps drawn per sample from (seed, key, t, draw)."""
