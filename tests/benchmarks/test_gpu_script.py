@@ -101,3 +101,16 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_next_one_runs(tmp_
     assert (tmp_path / "parts" / "input.json").exists()  # in OUT: a run killed from outside brings its rows back
     assert slow["seconds"] < 30
     assert ok == {"fine": True, "status": "ok", "seconds": ok["seconds"]}
+
+
+@pytest.mark.slow
+def test_the_shell_wrapper_runs_gpu_py_under_its_deadline(tmp_path):
+    """benchmarks/gpu.sh, what the device machine runs: its install step skipped (DIFFFEAT_NO_INSTALL), its
+    deadline and arguments passed on to gpu.py, results where it says."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFFEAT_NO_INSTALL": "1"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path), "--smoke", "--sections", "ddit"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert {name: s["status"] for name, s in sections.items() if s["status"] != "skipped"} == {"ddit": "ok"}
+    assert (tmp_path / "gpu.log").exists()
