@@ -16,14 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.analysis import (
-    clustering_scores,
-    plot_curve,
-    plot_heatmap,
-    plot_tsne,
-    single_label_subset,
-    tsne_embed,
-)
+from difffeat.analysis import clustering_scores, plot_curve, plot_heatmap, plot_tsne, single_label_subset, tsne_embed
 from difffeat.heads.fusion import TEXT_STREAM, FusionResult
 from difffeat.run.report import render_report, write_metrics_json
 from difffeat.utils.times import as_time
