@@ -1,4 +1,5 @@
-"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding and block-index resolution.
+"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding, block-index resolution and the early exit
+of an untouched forward read through hooks.
 
 Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.checkpoints`.
 """
@@ -6,8 +7,11 @@ Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.che
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, denom_shift: int = 0) -> torch.Tensor:
@@ -41,3 +45,21 @@ def resolve_indices(blocks, depth: int, what: str = "block") -> list[int]:
     if not out:
         raise ValueError(f"no {what} requested")
     return sorted(out)
+
+
+class StopForward(Exception):
+    """Raised by a capturing hook once the deepest asked block is read: a forward we do not own (diffusers',
+    transformers') then runs up to that block and no further, which is the early exit our own models get by
+    looping over their blocks."""
+
+
+def run_until_stopped(forward: Callable[[], Any], handles: Iterable[RemovableHandle]) -> None:
+    """Call ``forward`` until one of the capturing hooks raises :class:`StopForward`; the hooks are removed
+    whatever happens, so a failed forward leaves the model as it was."""
+    try:
+        forward()
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -4,7 +4,7 @@
 Why wrap and not rewrite: these models change between releases (qk-norm, dual attention, rotary ids, guidance
 embeddings); diffusers tracks them and its forward *is* the reference. We add three things around it:
 
-* **early exit** by forward hooks on the asked blocks: the deepest one raises :class:`_StopForward` once its output
+* **early exit** by forward hooks on the asked blocks: the deepest one raises :class:`StopForward` once its output
   is stored, so diffusers' untouched forward runs up to there and no later block ever runs;
 * **noising in the model's own convention** (:data:`FLOW` for SD3/FLUX with the scheduler's shift, DDPM indices
   for PixArt), computed here from the scheduler config and checked against the scheduler's own
@@ -34,7 +34,7 @@ from torch import nn
 from difffeat.models.adapter import ModuleAdapter
 from difffeat.models.base import DDPM, Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
-from difffeat.models.common import resolve_indices
+from difffeat.models.common import StopForward, resolve_indices, run_until_stopped
 from difffeat.models.massive import TAPS, MassiveChannels
 from difffeat.models.schedule import per_sample_randn
 from difffeat.models.vae import LatentEncoder, images_to_tensor, load_vae
@@ -48,10 +48,6 @@ FLOW = TimeConvention(
 STREAMS = ("image", "text", "both")
 FLUX_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, what FLUX.1-dev's guidance embedding reads
 CONDITIONS = ("null", "caption")
-
-
-class _StopForward(Exception):
-    """Raised from the deepest asked block's hook: the rest of diffusers' forward is skipped."""
 
 
 @dataclass(frozen=True)
@@ -330,20 +326,14 @@ class DiffusersBackbone(ModuleAdapter):
         else:
             taps = [_NormTap(self, i, wanted[-1], tap, massive, out) for i in wanted]  # each checks its block first
             handles = [h for norm_tap in taps for h in norm_tap.install()]
-        try:
-            self.module(**self.model_inputs(x, t, cond), return_dict=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_until_stopped(lambda: self.module(**self.model_inputs(x, t, cond), return_dict=False), handles)
         return out
 
     def _output_hook(self, index: int, wanted: list[int], out: dict[int, torch.Tensor]):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             out[index] = self._select(output, index)
             if index == wanted[-1]:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -452,7 +442,7 @@ class _NormTap:
             if len(self.seen) == len(self.norms):
                 self.out[self.index] = self._read()
                 if self.index == self.deepest:
-                    raise _StopForward
+                    raise StopForward
 
         return hook
 

@@ -48,7 +48,7 @@ from torch import nn
 from difffeat.models.adapter import ModuleAdapter
 from difffeat.models.base import Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
-from difffeat.models.common import resolve_indices
+from difffeat.models.common import StopForward, resolve_indices, run_until_stopped
 from difffeat.models.ddit_adapter import DDiTAdapter
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.schedule import per_sample_rand
@@ -60,10 +60,6 @@ UNIFORM = TimeConvention(
     "(uniform-state noise, no [MASK]); 0 is the clean caption, 1000 an all-random canvas",
 )  # fmt: skip
 MODEL_TYPE = "diffusion_gemma"
-
-
-class _StopForward(Exception):
-    """Raised from the deepest asked decoder layer's hook: the rest of the forward is skipped."""
 
 
 def uniform_corrupt(
@@ -195,7 +191,7 @@ class DiffusionGemmaBackbone(ModuleAdapter):
             def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
                 out[index] = output
                 if index == wanted[-1]:
-                    raise _StopForward
+                    raise StopForward
 
             return hook
 
@@ -203,13 +199,9 @@ class DiffusionGemmaBackbone(ModuleAdapter):
         padded = mask is not None and not bool(mask.all())
         decoder_mask = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask.bool()], dim=1) if padded else None
         handles = [self._layers[i].register_forward_hook(capture(i)) for i in wanted]
-        try:
-            self.module(input_ids=prompt, decoder_input_ids=x, decoder_attention_mask=decoder_mask)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_until_stopped(
+            lambda: self.module(input_ids=prompt, decoder_input_ids=x, decoder_attention_mask=decoder_mask), handles
+        )
         return out
 
     def compile_blocks(self) -> None:
