@@ -15,6 +15,7 @@ from difffeat.search import SearchOptions
 from difffeat.utils.options import (
     OptionError,
     Options,
+    added_later,
     fingerprint,
     from_dict,
     numbers_fields,
@@ -66,7 +67,7 @@ def test_the_fingerprint_follows_exactly_the_numbers_fields_of_its_scope():
 @dataclass
 class Later(Options):
     size: int = option(3, numbers=True)
-    added: str = option("old", numbers=True, keyed_default=False)  # a field added after stores were written
+    added: str = added_later("old", choices=("old", "new"))  # a field added after stores were written
 
 
 def test_a_field_added_with_keyed_default_false_keeps_the_keys_written_before_it():
@@ -76,6 +77,8 @@ def test_a_field_added_with_keyed_default_false_keeps_the_keys_written_before_it
     assert numbers_fields(ImageModelOptions(tap="modulated"))["tap"] == "modulated"
     assert "vae_dtype" not in numbers_fields(ImageModelOptions()) and "dtype" not in numbers_fields(TextModelOptions())
     assert fingerprint(Later(added="new")) != fingerprint(Later())
+    with pytest.raises(OptionError, match="added"):  # its other checks are option's
+        Later(added="newer")
 
 
 def test_from_dict_names_where_the_unknown_key_or_bad_value_is():

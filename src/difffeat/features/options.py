@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from difffeat.utils.options import Options, option
+from difffeat.utils.options import Options, added_later, option
 
 Time = int | float  # a time in the backbone's own convention: DDPM index, masked step, flow time in [0, 1]
 
 
-def _family(modality: str):
-    """A check that the name is a registered family of ``modality`` (looked up when a name is given, so reading
-    the options never imports the adapters' heavy dependencies)."""
+def _backbone(modality: str, known: str) -> Any:
+    """The ``backbone`` option of a model section: a registered family of ``modality``, checked when a name is
+    given (looked up then, so reading the options never imports the adapters' heavy dependencies)."""
 
     def check(value: str) -> str | None:
         from difffeat.models.base import families
 
-        known = families(modality)
-        return None if value in known else f"{value!r} is not an {modality} backbone; choose from {', '.join(known)}"
+        names = families(modality)
+        return None if value in names else f"{value!r} is not an {modality} backbone; choose from {', '.join(names)}"
 
-    return check
+    return option(None, check=check, numbers=True, help=f"family: {known}; none: read from the source")
+
+
+def _name() -> Any:
+    """The ``name`` option of a model section (a function: each dataclass needs its own field object)."""
+    return option(None, help="short name in store keys and reports (default: from the path)")
 
 
 def _device(value: str) -> str | None:
@@ -55,14 +61,9 @@ class ImageModelOptions(Options):
         None,
         help="the image model: official .pt, diffusers pipeline folder/hub id, or our folder; none: no image branch",
     )
-    backbone: str | None = option(
-        None,
-        check=_family("image"),
-        numbers=True,
-        help="family: dit, sit, pixart, sd3, flux, diffusers (generic); none: read from the source",
-    )
+    backbone: str | None = _backbone("image", "dit, sit, pixart, sd3, flux, diffusers (generic)")
     vae: str | None = option(None, help="AutoencoderKL hub id or folder; default: the pipeline's own, none for pixels")
-    name: str | None = option(None, help="short name in store keys and reports (default: from the path)")
+    name: str | None = _name()
     numerics: str = option(
         "official",
         choices=("official", "diffusers"),
@@ -76,11 +77,9 @@ class ImageModelOptions(Options):
     sample_posterior: bool = option(
         True, numbers=True, help="latent_dist.sample() with per-sample seeds (DiT's training) or its mean"
     )
-    vae_dtype: str = option(
+    vae_dtype: str = added_later(
         "float32",
         choices=("float32", "bfloat16"),
-        numbers=True,
-        keyed_default=False,
         help="dit, sit: the VAE's weights' dtype for the latents (bfloat16: faster on GPUs, latents within bf16 "
         "rounding); the diffusers families load it in image.dtype",
     )
@@ -111,25 +110,19 @@ class ImageModelOptions(Options):
         numbers=True,
         help="massive-activation channels (found per block on train rows) kept, zeroed or normalised",
     )
-    tap: str = option(
+    tap: str = added_later(
         "output",
         choices=("output", "modulated"),
-        numbers=True,
-        keyed_default=False,
         help="a block's feature: its output, or its input after the block's own norm and AdaLN modulation (DiTF)",
     )
-    guidance: float | None = option(
+    guidance: float | None = added_later(
         None,
         min=0,
-        numbers=True,
-        keyed_default=False,
         help="flux: the guidance embedding's value; none: FluxPipeline's 3.5 (schnell has no guidance embedder)",
     )
-    shift: float | None = option(
+    shift: float | None = added_later(
         None,
         min=0.001,
-        numbers=True,
-        keyed_default=False,
         help="sd3, flux: static flow shift replacing the scheduler's; none: the scheduler config's own",
     )
 
@@ -145,14 +138,9 @@ class TextModelOptions(Options):
     ddit: str | None = option(
         None, help="the text model: SEDD/MDLM/RADD/DiffusionGemma hub id or folder, or our folder; none: no text"
     )
-    backbone: str | None = option(
-        None,
-        check=_family("text"),
-        numbers=True,
-        help="family: ddit (SEDD/MDLM), radd, diffusion_gemma; none: read from the source",
-    )
+    backbone: str | None = _backbone("text", "ddit (SEDD/MDLM), radd, diffusion_gemma")
     tokenizer: str | None = option(None, help="AutoTokenizer id/folder or tokenizer.json; default: next to the model")
-    name: str | None = option(None, help="short name in store keys and reports (default: from the path)")
+    name: str | None = _name()
     max_length: int | None = option(None, min=1, numbers=True, help="tokens per caption; default: the model's")
     add_special: str | None = option(
         None,
@@ -160,11 +148,9 @@ class TextModelOptions(Options):
         numbers=True,
         help="special tokens around a caption; default by model kind",
     )
-    dtype: str = option(
+    dtype: str = added_later(
         "float32",
         choices=("float32", "bfloat16", "float16"),
-        numbers=True,
-        keyed_default=False,
         help="the weights' dtype (bfloat16 for the large ones)",
     )
     device_map: str | None = option(

@@ -63,6 +63,13 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """An option that changes the numbers but was added after stores were written, with a ``default`` that
+    reproduces what they hold: keyed only when set away from it (``numbers=True, keyed_default=False``), so those
+    stores stay valid. One name for the pattern, so each such field says why it is left out of the key."""
+    return option(default, numbers=True, keyed_default=False, **kwargs)
+
+
 class Options:
     """Base of every options dataclass: validates (and normalises tuples to lists) on construction."""
 
