@@ -186,34 +186,40 @@ def _overrides(steps: int | None, seed: int | None, device: str | None) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-@zoo_app.command("train-dit")
-def train_dit_cmd(
-    out: _CheckpointFolder = "zoo/demo-dit",
-    steps: _TrainSteps = None,
-    seed: int | None = None,
-    device: _Device = None,
-    max_seconds: _MaxSeconds = None,
-) -> None:
-    """Train the tiny pixel-space DiT (DDPM epsilon loss) on demo world 2's unlabeled pool, from the committed
-    model's recipe.json."""
-    from difffeat.run.demo import train_demo_dit
+def _zoo_trainer(name: str, trainer: str, default_out: str, doc: str) -> None:
+    """Register ``zoo NAME``: both tiny models are trained the same way (the committed recipe.json, with only the
+    flags given changed), so one command body serves them; ``trainer`` names the function in :mod:`run.demo`,
+    imported only when the command runs."""
 
-    train_demo_dit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
+    def command(
+        out: _CheckpointFolder = default_out,
+        steps: _TrainSteps = None,
+        seed: int | None = None,
+        device: _Device = None,
+        max_seconds: _MaxSeconds = None,
+    ) -> None:
+        from difffeat.run import demo
+
+        getattr(demo, trainer)(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
+
+    command.__doc__ = doc
+    zoo_app.command(name)(command)
 
 
-@zoo_app.command("train-ddit")
-def train_ddit_cmd(
-    out: _CheckpointFolder = "zoo/demo-ddit",
-    steps: _TrainSteps = None,
-    seed: int | None = None,
-    device: _Device = None,
-    max_seconds: _MaxSeconds = None,
-) -> None:
-    """Train the tiny text DDiT (SEDD's score entropy) and its word tokenizer on the pool's captions, from the
-    committed model's recipe.json."""
-    from difffeat.run.demo import train_demo_ddit
-
-    train_demo_ddit(out, max_seconds=max_seconds, **_overrides(steps, seed, device))
+_zoo_trainer(
+    "train-dit",
+    "train_demo_dit",
+    "zoo/demo-dit",
+    "Train the tiny pixel-space DiT (DDPM epsilon loss) on demo world 2's unlabeled pool, from the committed "
+    "model's recipe.json.",
+)
+_zoo_trainer(
+    "train-ddit",
+    "train_demo_ddit",
+    "zoo/demo-ddit",
+    "Train the tiny text DDiT (SEDD's score entropy) and its word tokenizer on the pool's captions, from the "
+    "committed model's recipe.json.",
+)
 
 
 @app.command("layers")
