@@ -32,16 +32,23 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difffeat.models.base import hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, strict_load, tensors_by_name
 from difffeat.models.common import resolve_indices
-from difffeat.models.ddit import DDiTBlock, EmbeddingLayer, Rotary, _key_mask
+from difffeat.models.ddit import (
+    DDiTBlock,
+    EmbeddingLayer,
+    OutputLayer,
+    Rotary,
+    TokenStackConfig,
+    block_outputs,
+    token_inputs,
+)
 from difffeat.models.ddit_adapter import DDiTAdapter, default_tokenizer
 from difffeat.models.ddit_load import (
     RADD_MODEL_TYPE,
@@ -62,7 +69,7 @@ RADD_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class RADDConfig:
+class RADDConfig(TokenStackConfig):
     """Architecture of a RADD network; defaults are RADD-small on GPT-2 tokens plus [MASK] (the last id)."""
 
     vocab_size: int = 50258
@@ -72,69 +79,22 @@ class RADDConfig:
     length: int = 1024
     mlp_ratio: int = 4
 
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> RADDConfig:
-        if name not in RADD_PRESETS:
-            raise ValueError(f"unknown RADD preset {name!r}; known: {', '.join(RADD_PRESETS)}")
-        return cls(**{**RADD_PRESETS[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
+    label: ClassVar[str] = "RADD"
+    presets: ClassVar[dict[str, dict]] = RADD_PRESETS
 
 
-class BiasLayerNorm(nn.Module):
-    """RADD's ``LayerNormWot``: LayerNorm in fp32 (autocast off), then ``* weight + bias``; cast back to the input
-    dtype (a no-op for RADD's fp32 residual stream, needed when the whole model is bf16)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), [x.shape[-1]], eps=1e-5) * self.weight.float() + self.bias.float()
-        return y.to(x.dtype)
-
-
-class RADDBlock(nn.Module):
-    """``DDiTBlockWot``: SEDD's block without adaLN (attention exactly SEDD's, hence its ``attend``)."""
-
-    attend = DDiTBlock.attend
+class RADDBlock(DDiTBlock):
+    """``DDiTBlockWot``: SEDD's block built without adaLN and with biased norms (layers, order and attention are
+    DDiT's); only the forward differs, a plain pre-LN block with no shift, scale or gate."""
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.norm1 = BiasLayerNorm(dim)
-        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = BiasLayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
-        )
+        super().__init__(dim, n_heads, None, mlp_ratio, norm_bias=True)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         x = x + self.attn_out(self.attend(self.norm1(x), rope, key_mask))
         return x + self.mlp(self.norm2(x))
-
-
-class RADDOutputLayer(nn.Module):
-    """``DDitFinalLayerWot``: final LayerNorm (with bias) and the untied vocabulary projection."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.norm_final = BiasLayerNorm(dim)
-        self.linear = nn.Linear(dim, vocab_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm_final(x))
 
 
 class RADD(nn.Module):
@@ -144,37 +104,17 @@ class RADD(nn.Module):
     def __init__(self, config: RADDConfig):
         super().__init__()
         cfg = self.config = config
+        self.depth, self.hidden_size, self.max_length = cfg.n_blocks, cfg.hidden_size, cfg.length
+        self.mask_index = cfg.vocab_size - 1  # the absorbing [MASK] id: the last one (RADD's ``token_dim - 1``)
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, cfg.vocab_size)
         self.rotary_emb = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList(RADDBlock(cfg.hidden_size, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_blocks))
-        self.output_layer = RADDOutputLayer(cfg.hidden_size, cfg.vocab_size)
-
-    @property
-    def depth(self) -> int:
-        return self.config.n_blocks
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def mask_index(self) -> int:
-        """The absorbing [MASK] id: the last one (RADD's ``token_dim - 1``)."""
-        return self.config.vocab_size - 1
-
-    @property
-    def max_length(self) -> int:
-        return self.config.length
-
-    def _prepare(self, ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's trained length {self.max_length}")
-        return self.vocab_embed(ids), self.rotary_emb(ids.shape[1], ids.device), _key_mask(attention_mask)
+        self.output_layer = OutputLayer(cfg.hidden_size, cfg.vocab_size, None, norm_bias=True)  # DDitFinalLayerWot
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """RADD's output ``[B, L, V]``: log-probabilities of the clean token over the real vocabulary, the raw logit in
         the last ([MASK]) column, as ``RADD.forward``."""
-        x, rope, key_mask = self._prepare(ids, attention_mask)
+        x, rope, key_mask = token_inputs(self, ids, attention_mask)
         for block in self.blocks:
             x = block(x, rope, key_mask)
         logits = self.output_layer(x)
@@ -184,14 +124,8 @@ class RADD(nn.Module):
         self, ids: torch.Tensor, blocks: Sequence[int], attention_mask: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
         """Residual stream ``[B, L, D]`` after each asked block (0-based); later blocks never run."""
-        wanted = resolve_indices(blocks, self.depth)
-        x, rope, key_mask = self._prepare(ids, attention_mask)
-        out = {}
-        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = block(x, rope, key_mask)
-            if i in wanted:
-                out[i] = x
-        return out
+        x, rope, key_mask = token_inputs(self, ids, attention_mask)
+        return block_outputs(self.blocks, x, resolve_indices(blocks, self.depth), rope, key_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
