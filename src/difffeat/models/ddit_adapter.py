@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
-from difffeat.models.adapter import BlocksAdapter
+from difffeat.models.adapter import BlocksAdapter, CaptionsAdapter
 from difffeat.models.base import MASKED, Clean, hub_id_mentions
 from difffeat.models.ddit import DDiT
 from difffeat.models.ddit_load import is_radd_config, load_ddit
 from difffeat.models.large import torch_dtype
 from difffeat.models.schedule import LogLinearSchedule
-from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
+from difffeat.models.tokenizers import TextTokenizer
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
@@ -31,27 +29,20 @@ def default_tokenizer(source: str) -> str:
     return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "gpt2"
 
 
-class DDiTAdapter(BlocksAdapter):
-    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer. Captions longer than ``max_length``
-    (at most the model's trained length) are truncated and counted in ``num_truncated``."""
+class DDiTAdapter(BlocksAdapter, CaptionsAdapter):
+    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer (captions read as :class:`CaptionsAdapter`
+    says)."""
 
     family = "ddit"
-    modality = "text"
+    network = DDiT
     time = MASKED
+    no_condition = "a DDiT (SEDD/MDLM)"
 
     def __init__(self, model: DDiT, tokenizer: TextTokenizer, *, max_length: int | None = None):
-        self.module = model.eval()
-        self.tokenizer = tokenizer
-        self.max_length = min(max_length or model.max_length, model.max_length)
+        super().__init__(model.eval(), tokenizer, max_length, model.max_length)
         self.schedule = LogLinearSchedule()
-        self.num_truncated = 0
-        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    @classmethod
-    def wraps(cls, model: nn.Module) -> bool:
-        return isinstance(model, DDiT)
-
     @classmethod
     def recognises(cls, source: str) -> bool:
         """A checkpoint file, our folder (``architecture: ddit``), an MDLM or SEDD hub folder (not RADD's, whose
@@ -78,27 +69,12 @@ class DDiTAdapter(BlocksAdapter):
         """``tokenizer`` defaults to ``tokenizer.json`` beside our own models, else GPT-2's; its special tokens
         default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS). ``dtype`` is the weights'."""
         model = load_ddit(source).to(torch_dtype(dtype))
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(
-                tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind
-            )
+        tokenizer = cls._tokenizer(tokenizer, default_tokenizer(source), add_special, model.config.kind)
         return cls(model, tokenizer, max_length=max_length)
 
     # ---- the five questions ------------------------------------------------------------------------------------
-    # (depth, device, to, layers and compile_blocks are BlocksAdapter's)
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell
-        it extracts, so each caption is tokenized, and its truncation counted, once."""
-        key = tuple(texts)
-        if key not in self._tokens:
-            ids, mask, n_trunc = self.tokenizer.encode_batch(texts, self.max_length)
-            self.num_truncated += int(n_trunc)
-            self._tokens[key] = (ids, mask.bool())
-        return self._tokens[key]
-
-    def encode(self, inputs: Sequence[str], keys: Sequence[str | int], seed: int) -> Clean:
-        return Clean(*self.tokenize(list(inputs)))
-
+    # (depth, device, to, layers and compile_blocks are BlocksAdapter's; encode, condition and
+    # forward_intermediates CaptionsAdapter's)
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """Absorbing-state corruption at step ``t``, on the CPU ids (per-caption seeded draws), so the device
         gets one copy and no per-caption indexing."""
@@ -108,15 +84,7 @@ class DDiTAdapter(BlocksAdapter):
         """sigma(step / 1000), the noise level the DDiT's sigma embedding reads (CPU)."""
         return self.schedule.sigma(self.schedule.t_of_step(int(t))).float().expand(n)
 
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Nothing: SEDD and MDLM are unconditional (the captions are the input, not a condition)."""
-        if label is not None or captions is not None:
-            raise ValueError("a DDiT (SEDD/MDLM) takes no class label or caption condition")
-        return {}
-
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         return self.module.forward_intermediates(x, t, blocks, attention_mask=mask)

@@ -45,14 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from difffeat.models.adapter import ModuleAdapter
+from difffeat.models.adapter import CaptionsAdapter
 from difffeat.models.base import Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import StopForward, resolve_indices, run_until_stopped
-from difffeat.models.ddit_adapter import DDiTAdapter
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.schedule import per_sample_rand
-from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
+from difffeat.models.tokenizers import TextTokenizer
 
 UNIFORM = TimeConvention(
     "uniform", 0, 1000, 0, True,
@@ -80,24 +79,20 @@ def uniform_corrupt(
     return out
 
 
-class DiffusionGemmaBackbone(ModuleAdapter):
-    """A loaded ``DiffusionGemmaForBlockDiffusion`` with its tokenizer (see the module docstring for what is read)."""
+class DiffusionGemmaBackbone(CaptionsAdapter):
+    """A loaded ``DiffusionGemmaForBlockDiffusion`` with its tokenizer (see the module docstring for what is read;
+    the canvas is the caption, so nothing per row conditions it: the prompt is the fixed [BOS])."""
 
     family = MODEL_TYPE
-    modality = "text"
     time = UNIFORM
+    no_condition = "DiffusionGemma's canvas is the caption; it"
 
     def __init__(
         self, model: nn.Module, tokenizer: TextTokenizer, *, max_length: int | None = None, placed: bool = False
     ):
-        self.module = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        super().__init__(model.eval().requires_grad_(False), tokenizer, max_length, model.config.canvas_length)
         self.text_config = model.config.text_config
-        canvas = model.config.canvas_length
-        self.max_length = min(max_length or canvas, canvas)
         self.placed = placed
-        self.num_truncated = 0
-        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -139,8 +134,7 @@ class DiffusionGemmaBackbone(ModuleAdapter):
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             source, config=config, dtype=torch_dtype(dtype), device_map=device_map
         )
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(tokenizer or source, add_special=add_special or "none")
+        tokenizer = cls._tokenizer(tokenizer, source, add_special or "none")
         return cls(model, tokenizer, max_length=max_length, placed=device_map is not None)
 
     # ---- the five questions ------------------------------------------------------------------------------------
@@ -161,9 +155,6 @@ class DiffusionGemmaBackbone(ModuleAdapter):
             self.module.to(device)
         return self
 
-    tokenize = DDiTAdapter.tokenize  # padded ids and mask, memoised per batch, truncation counted once
-    encode = DDiTAdapter.encode
-
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         return uniform_corrupt(x0.x, x0.mask, keys, int(t), self.text_config.vocab_size, seed, draw)
 
@@ -171,16 +162,8 @@ class DiffusionGemmaBackbone(ModuleAdapter):
         """The replaced fraction step / 1000 (CPU), for the record: the decoder reads no time."""
         return torch.full((n,), int(t) / 1000)
 
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Nothing per row: the prompt is the fixed [BOS] (see the module docstring)."""
-        if label is not None or captions is not None:
-            raise ValueError("DiffusionGemma's canvas is the caption; it takes no class label or caption condition")
-        return {}
-
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         """Decoder tokens ``[N, L, D]`` after each asked layer, from the untouched forward stopped after the deepest
         one. ``mask`` (True at real tokens) masks right padding out of every attention."""

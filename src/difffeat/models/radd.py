@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from difffeat.models.ddit_load import (
     is_radd_config,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
-from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
+from difffeat.models.tokenizers import TextTokenizer
 
 RADD_PRESETS: dict[str, dict] = {
     "radd-small": dict(hidden_size=768, n_heads=12, n_blocks=12),  # JingyangOu/radd-lambda-dce, radd-t-dce
@@ -243,10 +243,8 @@ class RADDAdapter(DDiTAdapter):
     takes no time. GPT-2's tokenizer with EOS after the caption, as RADD's training documents."""
 
     family = "radd"
-
-    @classmethod
-    def wraps(cls, model: nn.Module) -> bool:
-        return isinstance(model, RADD)
+    network = RADD
+    no_condition = "RADD"
 
     @classmethod
     def recognises(cls, source: str) -> bool:
@@ -268,22 +266,15 @@ class RADDAdapter(DDiTAdapter):
         allow_large: bool = False,
     ) -> RADDAdapter:
         model = load_radd(source, dtype=dtype, allow_large=allow_large)
-        if not isinstance(tokenizer, TextTokenizer):
-            tokenizer = load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind="sedd")
-        return cls(model, tokenizer, max_length=max_length)
+        return cls(
+            model, cls._tokenizer(tokenizer, default_tokenizer(source), add_special, "sedd"), max_length=max_length
+        )
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The masking probability of step ``t`` (CPU), for the record: RADD's forward reads no time."""
         return self.schedule.mask_prob(self.schedule.t_of_step(int(t))).float().expand(n)
 
-    def condition(
-        self, n: int, *, label: int | None = None, captions: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        if label is not None or captions is not None:
-            raise ValueError("RADD takes no class label or caption condition")
-        return {}
-
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         return self.module.forward_intermediates(x, blocks, attention_mask=mask)
