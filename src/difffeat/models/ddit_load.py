@@ -112,10 +112,7 @@ def _fetch_from_hub(repo_id: str) -> Path:
 def _read_folder(folder: Path) -> _Found:
     """config.json tells the layout: ours, MDLM's flat one or SEDD's nested Hydra one."""
     raw = read_json(folder / "config.json")
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    sd = tensors_by_name(read_state_dict(weights), str(weights))
+    sd = folder_weights(folder)
     if raw.get("architecture") == "ddit":
         own = {k: v for k, v in raw.items() if k != "architecture"}
         return _Found(sd, "difffeat DDiT folder", config=_build_config(folder, lambda: DDiTConfig(**own)))
@@ -132,6 +129,14 @@ def _read_folder(folder: Path) -> _Found:
         f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}; "
         f"the weights look like {sniff_format(sd)}"
     )
+
+
+def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a hub folder's weights file (the first of :data:`WEIGHT_FILES` it holds)."""
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
+    return tensors_by_name(read_state_dict(weights), str(weights))
 
 
 def is_radd_config(raw: dict) -> bool:
@@ -160,14 +165,24 @@ def _sedd_config(raw: dict) -> DDiTConfig:
         raise ValueError(f"graph type {graph!r}: only SEDD's absorbing graph has a [MASK] token to corrupt with")
     m = raw["model"]
     return DDiTConfig(
-        vocab_size=raw["tokens"] + 1,
-        hidden_size=m["hidden_size"],
+        **nested_architecture(raw, raw.get("length", 1024)),
         cond_dim=m["cond_dim"],
-        n_heads=m["n_heads"],
-        n_blocks=m["n_blocks"],
-        length=m.get("length", raw.get("length", 1024)),
         scale_by_sigma=m.get("scale_by_sigma", True),
         kind="sedd",
+    )
+
+
+def nested_architecture(raw: dict, default_length: int = 1024) -> dict:
+    """What SEDD's nested Hydra config says of any network in its family (SEDD's DDiT, RADD's): vocab = tokens + 1
+    (the absorbing [MASK] is the last id), width, heads, blocks, and the trained length (``default_length`` when
+    ``model.length`` is absent)."""
+    m = raw["model"]
+    return dict(
+        vocab_size=raw["tokens"] + 1,
+        hidden_size=m["hidden_size"],
+        n_heads=m["n_heads"],
+        n_blocks=m["n_blocks"],
+        length=m.get("length", default_length),
     )
 
 

@@ -52,12 +52,13 @@ from difffeat.models.ddit import (
 from difffeat.models.ddit_adapter import DDiTAdapter, default_tokenizer
 from difffeat.models.ddit_load import (
     RADD_MODEL_TYPE,
-    WEIGHT_FILES,
     _ema_weights,
     _fetch_from_hub,
     _Found,
     _shadows,
+    folder_weights,
     is_radd_config,
+    nested_architecture,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.tokenizers import TextTokenizer
@@ -134,16 +135,9 @@ class RADD(nn.Module):
 
 
 def radd_config(raw: dict, source: str) -> RADDConfig:
-    """vocab = tokens + 1 (the absorbing [MASK] is the last id), as ``RADD.__init__``."""
+    """SEDD's nested config fields, as ``RADD.__init__`` reads them (vocab = tokens + 1)."""
     try:
-        m = raw["model"]
-        return RADDConfig(
-            vocab_size=raw["tokens"] + 1,
-            hidden_size=m["hidden_size"],
-            n_heads=m["n_heads"],
-            n_blocks=m["n_blocks"],
-            length=m.get("length", 1024),
-        )
+        return RADDConfig(**nested_architecture(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: cannot build a RADD config from it ({exc!r})") from exc
 
@@ -208,10 +202,7 @@ def load_radd(
 
 
 def _read_folder(folder: Path) -> _Found:
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    return _Found(tensors_by_name(read_state_dict(weights), str(weights)), "RADD hub folder")
+    return _Found(folder_weights(folder), "RADD hub folder")
 
 
 def _read_file(path: Path) -> _Found:
