@@ -43,41 +43,17 @@ DDIT_PRESETS: dict[str, dict] = {
 }
 
 
-class TokenStackConfig:
-    """What the configs of SEDD's token transformer and its variants (DDiT, RADD) share beyond their fields, which
-    each dataclass declares: named presets (``presets``, reported as ``label``), the head width and the check that
-    ``hidden_size`` splits into heads of even width (GPT-NeoX rotary rotates pairs of dimensions)."""
-
-    label: ClassVar[str]
-    presets: ClassVar[dict[str, dict]]
-    hidden_size: int
-    n_heads: int
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
-
-    @classmethod
-    def preset(cls: type[_Config], name: str, **overrides: Any) -> _Config:
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.label} preset {name!r}; known: {', '.join(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-
-_Config = TypeVar("_Config", bound=TokenStackConfig)
+_Config = TypeVar("_Config", bound="DDiTConfig")
 
 
 @dataclass
-class DDiTConfig(TokenStackConfig):
+class DDiTConfig:
     """Architecture of a DDiT. Defaults are SEDD-small on GPT-2 tokens plus one absorbing [MASK] token.
 
     ``kind`` only changes :meth:`DDiT.log_score` (SEDD score vs MDLM SUBS). ``time_conditioning=False`` (MDLM's
     default) replaces sigma by 0 inside the model, as MDLM's backbone does, so callers may pass any sigma.
-    ``length`` is the trained context length; longer inputs are refused.
+    ``length`` is the trained context length; longer inputs are refused. ``hidden_size`` must split into heads
+    of even width (GPT-NeoX rotary rotates pairs of dimensions). :meth:`preset` builds a named one of ``presets``.
     """
 
     vocab_size: int = 50258
@@ -91,7 +67,7 @@ class DDiTConfig(TokenStackConfig):
     kind: str = "sedd"
     mask_index: int | None = None
     time_conditioning: bool = True
-    label: ClassVar[str] = "DDiT"
+    label: ClassVar[str] = "DDiT"  # in messages
     presets: ClassVar[dict[str, dict]] = DDIT_PRESETS
 
     def __post_init__(self) -> None:
@@ -99,9 +75,20 @@ class DDiTConfig(TokenStackConfig):
             self.mask_index = self.vocab_size - 1
         if self.kind not in KINDS:
             raise ValueError(f"DDiT kind must be one of {KINDS}, got {self.kind!r}")
-        super().__post_init__()
+        if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
         if not 0 <= self.mask_index < self.vocab_size:
             raise ValueError(f"mask_index {self.mask_index} is outside the vocabulary (size {self.vocab_size})")
+
+    @classmethod
+    def preset(cls: type[_Config], name: str, **overrides: Any) -> _Config:
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.label} preset {name!r}; known: {', '.join(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
 
 
 # --------------------------------------------------------------------------------------------------------------

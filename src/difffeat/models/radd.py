@@ -42,10 +42,10 @@ from difffeat.models.checkpoints import CheckpointError, read_json, read_state_d
 from difffeat.models.common import resolve_indices
 from difffeat.models.ddit import (
     DDiTBlock,
+    DDiTConfig,
     EmbeddingLayer,
     OutputLayer,
     Rotary,
-    TokenStackConfig,
     block_outputs,
     token_inputs,
 )
@@ -70,16 +70,14 @@ RADD_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class RADDConfig(TokenStackConfig):
-    """Architecture of a RADD network; defaults are RADD-small on GPT-2 tokens plus [MASK] (the last id)."""
+class RADDConfig(DDiTConfig):
+    """Architecture of a RADD network: a DDiT's fields, checks and defaults (RADD-small on GPT-2 tokens plus [MASK],
+    the last id), since RADD's network is SEDD's without the time condition. So the time fields are not read:
+    ``cond_dim`` and ``scale_by_sigma`` mean nothing here, ``time_conditioning`` is off; ``kind`` stays "sedd",
+    the GPT-2 tokens with EOS RADD trains on."""
 
-    vocab_size: int = 50258
-    hidden_size: int = 768
-    n_heads: int = 12
-    n_blocks: int = 12
-    length: int = 1024
-    mlp_ratio: int = 4
-
+    scale_by_sigma: bool = False
+    time_conditioning: bool = False
     label: ClassVar[str] = "RADD"
     presets: ClassVar[dict[str, dict]] = RADD_PRESETS
 
@@ -221,7 +219,9 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path) -> RADDConfig:
     except KeyError as exc:
         raise CheckpointError(f"{path}: cannot infer a RADD architecture, {exc} is not in the file") from exc
     n_blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return RADDConfig(vocab, hidden, hidden // head_dim, n_blocks, mlp_ratio=ratio)
+    return RADDConfig(
+        vocab_size=vocab, hidden_size=hidden, n_heads=hidden // head_dim, n_blocks=n_blocks, mlp_ratio=ratio
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
