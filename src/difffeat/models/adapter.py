@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from difffeat.models.base import Clean, Layer
-from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
+from difffeat.models.tokenizers import TextTokenizer
 
 _Adapter = TypeVar("_Adapter", bound="ModuleAdapter")
+_Captions = TypeVar("_Captions", bound="CaptionsAdapter")
 
 
 class ModuleAdapter:
@@ -74,14 +75,42 @@ class CaptionsAdapter(ModuleAdapter):
         self.num_truncated = 0
         self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @staticmethod
-    def _tokenizer(
-        tokenizer: str | TextTokenizer | None, default: str, add_special: str | None, kind: str | None = None
+    @classmethod
+    def from_pretrained(
+        cls: type[_Captions],
+        source: str,
+        *,
+        tokenizer: str | TextTokenizer | None = None,
+        add_special: str | None = None,
+        max_length: int | None = None,
+        dtype: str = "float32",
+        **load: Any,
+    ) -> _Captions:
+        """The family's network from ``source`` (:meth:`load_model`: ``dtype`` is the weights', ``load`` the
+        family's own loading options, which :func:`~difffeat.models.base.loader_options` reads from it) with its
+        tokenizer: ``tokenizer`` itself when loaded, else loaded from it or from the family's default
+        (:meth:`load_tokenizer`). Written once because every text family is loaded this way."""
+        model = cls.load_model(source, dtype=dtype, **load)
+        if not isinstance(tokenizer, TextTokenizer):
+            tokenizer = cls.load_tokenizer(source, model, tokenizer, add_special)
+        return cls(model, tokenizer, max_length=max_length, **cls._wrap_options(load))
+
+    @classmethod
+    def load_model(cls, source: str, *, dtype: str) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def load_tokenizer(
+        cls, source: str, model: nn.Module, tokenizer: str | None, add_special: str | None
     ) -> TextTokenizer:
-        """``tokenizer`` itself when loaded, else loaded from it or, when not given, from the family's ``default``."""
-        if isinstance(tokenizer, TextTokenizer):
-            return tokenizer
-        return load_tokenizer(tokenizer or default, add_special=add_special, kind=kind)
+        """The tokenizer at ``tokenizer``, or the family's default for ``source``, with ``add_special`` (None: the
+        family's default)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _wrap_options(cls, load: dict[str, Any]) -> dict[str, Any]:
+        """What the constructor needs to know of how the model was loaded; nothing by default."""
+        return {}
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ids and mask (CPU), memoised per batch of texts: a job's batches are the same for every cell

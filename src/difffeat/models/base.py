@@ -262,8 +262,12 @@ def resolve_family(source: str | Path, modality: str, family: str | None = None)
 
 def loader_options(family: str) -> set[str]:
     """The keyword options the family's ``from_pretrained`` takes, so a caller can tell an option the family
-    reads from one it would silently not (a config's ``stream`` on a DiT)."""
-    parameters = inspect.signature(backbone_class(family).from_pretrained).parameters
+    reads from one it would silently not (a config's ``stream`` on a DiT). A ``from_pretrained`` written once for
+    several families hands its ``**options`` to the family's ``load_model``, whose keyword options count too."""
+    cls = backbone_class(family)
+    parameters = dict(inspect.signature(cls.from_pretrained).parameters)
+    if hasattr(cls, "load_model") and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        parameters.update(inspect.signature(cls.load_model).parameters)
     return {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 

@@ -18,7 +18,7 @@ from difffeat.models.ddit import DDiT
 from difffeat.models.ddit_load import is_radd_config, load_ddit
 from difffeat.models.large import torch_dtype
 from difffeat.models.schedule import LogLinearSchedule
-from difffeat.models.tokenizers import TextTokenizer
+from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
@@ -57,20 +57,14 @@ class DDiTAdapter(BlocksAdapter, CaptionsAdapter):
         return hub_id_mentions(source, "sedd", "mdlm")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-    ) -> DDiTAdapter:
-        """``tokenizer`` defaults to ``tokenizer.json`` beside our own models, else GPT-2's; its special tokens
-        default to what the model kind saw in training (SEDD: EOS, MDLM: BOS + EOS). ``dtype`` is the weights'."""
-        model = load_ddit(source).to(torch_dtype(dtype))
-        tokenizer = cls._tokenizer(tokenizer, default_tokenizer(source), add_special, model.config.kind)
-        return cls(model, tokenizer, max_length=max_length)
+    def load_model(cls, source: str, *, dtype: str) -> DDiT:
+        return load_ddit(source).to(torch_dtype(dtype))
+
+    @classmethod
+    def load_tokenizer(cls, source: str, model: DDiT, tokenizer: str | None, add_special: str | None) -> TextTokenizer:
+        """``tokenizer.json`` beside our own models, else GPT-2's; its special tokens default to what the model kind
+        saw in training (SEDD: EOS, MDLM: BOS + EOS)."""
+        return load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind)
 
     # ---- the five questions ------------------------------------------------------------------------------------
     # (depth, device, to, layers and compile_blocks are BlocksAdapter's; encode, condition and

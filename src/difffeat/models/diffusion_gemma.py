@@ -51,7 +51,7 @@ from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import StopForward, resolve_indices, run_until_stopped
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
 from difffeat.models.schedule import per_sample_rand
-from difffeat.models.tokenizers import TextTokenizer
+from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
 
 UNIFORM = TimeConvention(
     "uniform", 0, 1000, 0, True,
@@ -108,34 +108,33 @@ class DiffusionGemmaBackbone(CaptionsAdapter):
         return hub_id_mentions(source, "diffusiongemma", "diffusion-gemma", "diffusion_gemma")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-        device_map: str | None = None,
-        allow_large: bool = False,
-    ) -> DiffusionGemmaBackbone:
+    def load_model(
+        cls, source: str, *, dtype: str, device_map: str | None = None, allow_large: bool = False
+    ) -> nn.Module:
         """The config is read first and the parameter count checked before any weight is fetched or read.
-
-        ``tokenizer`` defaults to the model's own (its folder / hub id); captions get no special tokens by default
-        (``add_special``), since [BOS] is the prompt and a canvas is plain text. ``device_map`` (e.g. ``"cuda"``,
-        ``"auto"``) places the weights as transformers does; the backbone then stays where it was put.
-        """
+        ``device_map`` (e.g. ``"cuda"``, ``"auto"``) places the weights as transformers does; the backbone then
+        stays where it was put."""
         from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
         if device_map is not None and importlib.util.find_spec("accelerate") is None:
             raise CheckpointError("text.device_map needs the accelerate package: pip install 'difffeat[large]'")
         config = DiffusionGemmaConfig.from_pretrained(source)
         refuse_large(meta_parameter_count(lambda: DiffusionGemmaForBlockDiffusion(config)), source, allow_large)
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(
             source, config=config, dtype=torch_dtype(dtype), device_map=device_map
         )
-        tokenizer = cls._tokenizer(tokenizer, source, add_special or "none")
-        return cls(model, tokenizer, max_length=max_length, placed=device_map is not None)
+
+    @classmethod
+    def load_tokenizer(
+        cls, source: str, model: nn.Module, tokenizer: str | None, add_special: str | None
+    ) -> TextTokenizer:
+        """The model's own (its folder / hub id); captions get no special tokens by default, since [BOS] is the
+        prompt and a canvas is plain text."""
+        return load_tokenizer(tokenizer or source, add_special=add_special or "none")
+
+    @classmethod
+    def _wrap_options(cls, load: dict[str, Any]) -> dict[str, Any]:
+        return {"placed": load.get("device_map") is not None}
 
     # ---- the five questions ------------------------------------------------------------------------------------
     @property

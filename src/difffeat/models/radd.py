@@ -49,7 +49,7 @@ from difffeat.models.ddit import (
     block_outputs,
     token_inputs,
 )
-from difffeat.models.ddit_adapter import DDiTAdapter, default_tokenizer
+from difffeat.models.ddit_adapter import DDiTAdapter
 from difffeat.models.ddit_load import (
     RADD_MODEL_TYPE,
     _ema_weights,
@@ -61,7 +61,6 @@ from difffeat.models.ddit_load import (
     nested_architecture,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
-from difffeat.models.tokenizers import TextTokenizer
 
 RADD_PRESETS: dict[str, dict] = {
     "radd-small": dict(hidden_size=768, n_heads=12, n_blocks=12),  # JingyangOu/radd-lambda-dce, radd-t-dce
@@ -246,20 +245,9 @@ class RADDAdapter(DDiTAdapter):
         return hub_id_mentions(source, "radd")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        *,
-        tokenizer: str | TextTokenizer | None = None,
-        add_special: str | None = None,
-        max_length: int | None = None,
-        dtype: str = "float32",
-        allow_large: bool = False,
-    ) -> RADDAdapter:
-        model = load_radd(source, dtype=dtype, allow_large=allow_large)
-        return cls(
-            model, cls._tokenizer(tokenizer, default_tokenizer(source), add_special, "sedd"), max_length=max_length
-        )
+    def load_model(cls, source: str, *, dtype: str, allow_large: bool = False) -> RADD:
+        """Its tokenizer is the DDiT's default with the config's kind, "sedd": GPT-2's, EOS after the caption."""
+        return load_radd(source, dtype=dtype, allow_large=allow_large)
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The masking probability of step ``t`` (CPU), for the record: RADD's forward reads no time."""
