@@ -276,3 +276,13 @@ def test_bfloat16_weights(hub_folder) -> None:
     expected, _ = hooked(reference(), x0.x)
     scale = expected[2].abs().max()
     assert (got - expected[2]).abs().max() <= 0.1 * scale  # bf16 rounding, not another computation
+
+
+def test_config_is_a_ddit_config_whose_time_fields_radd_does_not_read() -> None:
+    cfg = RADDConfig.preset("radd-medium")
+    assert (cfg.hidden_size, cfg.n_heads, cfg.n_blocks, cfg.mask_index) == (1024, 16, 24, 50257)
+    assert (cfg.time_conditioning, cfg.scale_by_sigma, cfg.kind) == (False, False, "sedd")
+    with pytest.raises(ValueError, match="unknown RADD preset 'sedd-small'"):
+        RADDConfig.preset("sedd-small")
+    shapes = {k: v.shape for k, v in RADD(RADDConfig(**TINY)).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in RADD(RADDConfig(**TINY, cond_dim=7)).state_dict().items()}

@@ -71,3 +71,17 @@ def test_zoo_trainers_start_from_the_committed_recipe(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     expected = {**committed_recipe(DEMO_DIT), "steps": 7}
     assert dataclasses.asdict(seen["recipe"]) == expected and seen["max_seconds"] == 9
+
+
+@pytest.mark.parametrize(("command", "trainer", "default_out"), [
+    ("train-dit", "train_demo_dit", "zoo/demo-dit"), ("train-ddit", "train_demo_ddit", "zoo/demo-ddit"),
+])  # fmt: skip
+def test_each_zoo_command_calls_its_own_trainer_with_the_flags_given(monkeypatch, command, trainer, default_out):
+    import difffeat.run.demo as demo
+
+    calls = []
+    for name in ("train_demo_dit", "train_demo_ddit"):
+        monkeypatch.setattr(demo, name, lambda out, name=name, **kw: calls.append((name, out, kw)))
+    result = CliRunner().invoke(app, ["zoo", command, "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(trainer, default_out, {"max_seconds": None, "seed": 3})]

@@ -92,11 +92,6 @@ class Layer:
     width: int  # channels of the block's output tokens
 
 
-def block_layers(depth: int, width: int, prefix: str = "blocks") -> list[Layer]:
-    """One :class:`Layer` per 0-based block of a plain list of equal-width blocks."""
-    return [Layer(i, f"{prefix}.{i}", width) for i in range(depth)]
-
-
 @dataclass(frozen=True)
 class Layers:
     """What ``featurizer.layers()`` shows: every block, the time convention and the family, printable as a table."""
@@ -267,11 +262,13 @@ def resolve_family(source: str | Path, modality: str, family: str | None = None)
 
 def loader_options(family: str) -> set[str]:
     """The keyword options the family's ``from_pretrained`` takes, so a caller can tell an option the family
-    reads from one it would silently not (a config's ``stream`` on a DiT)."""
+    reads from one it would silently not (a config's ``stream`` on a DiT). A ``from_pretrained`` written once for
+    several families hands its ``**options`` to the family's ``load_model``, whose keyword options count too."""
     cls = backbone_class(family)
-    loaders = [cls.from_pretrained, *([cls.load_model] if hasattr(cls, "load_model") else [])]  # text: both
-    parameters = [p for f in loaders for p in inspect.signature(f).parameters.values()]
-    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    parameters = dict(inspect.signature(cls.from_pretrained).parameters)
+    if hasattr(cls, "load_model") and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        parameters.update(inspect.signature(cls.load_model).parameters)
+    return {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def load_backbone(source: str | Path, modality: str, family: str | None = None, **options: Any) -> Backbone:

@@ -1,5 +1,5 @@
-"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding, block-index resolution and the early exit of
-a forward we do not own (a diffusers or transformers model) from a hook.
+"""Pieces the backbones share: the GLIDE sinusoidal timestep embedding, block-index resolution and the early exit
+of an untouched forward read through hooks.
 
 Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.checkpoints`.
 """
@@ -7,8 +7,8 @@ Reading and strictly loading checkpoint files lives in :mod:`difffeat.models.che
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -48,12 +48,14 @@ def resolve_indices(blocks, depth: int, what: str = "block") -> list[int]:
 
 
 class StopForward(Exception):
-    """Raised by a forward hook once the deepest asked block has given its output: the rest is not run."""
+    """Raised by a capturing hook once the deepest asked block is read: a forward we do not own (diffusers',
+    transformers') then runs up to that block and no further, which is the early exit our own models get by
+    looping over their blocks."""
 
 
-def run_until_stopped(forward: Callable[[], Any], handles: Sequence[RemovableHandle]) -> None:
-    """Run ``forward``, whose hooks capture block outputs and may stop it with :class:`StopForward`, and remove
-    the hooks whatever happens, so a failed call leaves the model as it was."""
+def run_until_stopped(forward: Callable[[], Any], handles: Iterable[RemovableHandle]) -> None:
+    """Call ``forward`` until one of the capturing hooks raises :class:`StopForward`; the hooks are removed
+    whatever happens, so a failed forward leaves the model as it was."""
     try:
         forward()
     except StopForward:
@@ -61,20 +63,3 @@ def run_until_stopped(forward: Callable[[], Any], handles: Sequence[RemovableHan
     finally:
         for handle in handles:
             handle.remove()
-
-
-class PresetConfig:
-    """Named presets and the per-head width, for the text models' config dataclasses (SEDD/MDLM's and RADD's)."""
-
-    presets: ClassVar[dict[str, dict]]
-    kind_name: ClassVar[str]
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> Any:
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.kind_name} preset {name!r}; known: {', '.join(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.models.common import PresetConfig, resolve_indices, timestep_embedding
+from difffeat.models.common import resolve_indices, timestep_embedding
 
 KINDS = ("sedd", "mdlm")
 FREQ_EMBED_DIM = 256  # GLIDE embedding width fed to sigma_map (SEDD's TimestepEmbedder default)
@@ -43,17 +43,18 @@ DDIT_PRESETS: dict[str, dict] = {
 }
 
 
+_Config = TypeVar("_Config", bound="DDiTConfig")
+
+
 @dataclass
-class DDiTConfig(PresetConfig):
+class DDiTConfig:
     """Architecture of a DDiT. Defaults are SEDD-small on GPT-2 tokens plus one absorbing [MASK] token.
 
     ``kind`` only changes :meth:`DDiT.log_score` (SEDD score vs MDLM SUBS). ``time_conditioning=False`` (MDLM's
     default) replaces sigma by 0 inside the model, as MDLM's backbone does, so callers may pass any sigma.
-    ``length`` is the trained context length; longer inputs are refused.
+    ``length`` is the trained context length; longer inputs are refused. ``hidden_size`` must split into heads
+    of even width (GPT-NeoX rotary rotates pairs of dimensions). :meth:`preset` builds a named one of ``presets``.
     """
-
-    presets: ClassVar[dict[str, dict]] = DDIT_PRESETS
-    kind_name: ClassVar[str] = "DDiT"
 
     vocab_size: int = 50258
     hidden_size: int = 768
@@ -66,6 +67,8 @@ class DDiTConfig(PresetConfig):
     kind: str = "sedd"
     mask_index: int | None = None
     time_conditioning: bool = True
+    label: ClassVar[str] = "DDiT"  # in messages
+    presets: ClassVar[dict[str, dict]] = DDIT_PRESETS
 
     def __post_init__(self) -> None:
         if self.mask_index is None:
@@ -76,6 +79,16 @@ class DDiTConfig(PresetConfig):
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
         if not 0 <= self.mask_index < self.vocab_size:
             raise ValueError(f"mask_index {self.mask_index} is outside the vocabulary (size {self.vocab_size})")
+
+    @classmethod
+    def preset(cls: type[_Config], name: str, **overrides: Any) -> _Config:
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.label} preset {name!r}; known: {', '.join(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -105,19 +118,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
 
 
 class LayerNorm(nn.Module):
-    """SEDD's weight-only LayerNorm, always in fp32 (autocast off), result cast back to the input dtype.
+    """SEDD's weight-only LayerNorm, always in fp32 (autocast off), result cast back to the input dtype; with
+    ``bias``, RADD's ``LayerNormWot``, which adds a bias (initialised to ones, as RADD does) after the weight.
 
     Under the caller's bf16 autocast the residual stream stays fp32 (as in SEDD), so the cast back is a no-op
     there; it only matters when the whole module was converted to bf16.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.ones(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = F.layer_norm(x.float(), [x.shape[-1]], eps=1e-5) * self.weight.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
         return y.to(x.dtype)
 
 
@@ -167,25 +184,25 @@ class Rotary(nn.Module):
 
 
 class DDiTBlock(nn.Module):
-    """Pre-LN transformer block with adaLN (shift, scale, gate) x (attention, MLP) from the sigma condition."""
+    """Pre-LN transformer block with adaLN (shift, scale, gate) x (attention, MLP) from the sigma condition.
 
-    norm: type[nn.Module] = LayerNorm
+    ``cond_dim=None`` builds it without ``adaLN_modulation`` (and ``norm_bias`` with RADD's biased norms): the
+    layers of RADD's time-free block, registered in the same order, so :class:`~difffeat.models.radd.RADDBlock`
+    only adds its forward.
+    """
 
-    def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int):
+    def __init__(self, dim: int, n_heads: int, cond_dim: int | None, mlp_ratio: int, norm_bias: bool = False):
         super().__init__()
-        self._attention_and_mlp(dim, n_heads, mlp_ratio)
-        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
-
-    def _attention_and_mlp(self, dim: int, n_heads: int, mlp_ratio: int) -> None:
-        """SEDD's attention and MLP, in its parameter order (RADD's block is these without the adaLN)."""
         self.n_heads = n_heads
-        self.norm1 = self.norm(dim)
+        self.norm1 = LayerNorm(dim, norm_bias)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = self.norm(dim)
+        self.norm2 = LayerNorm(dim, norm_bias)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
         )
+        if cond_dim is not None:
+            self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
@@ -206,15 +223,19 @@ class DDiTBlock(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """Final adaLN (shift first, then scale) and the untied vocabulary projection."""
+    """Final adaLN (shift first, then scale) and the untied vocabulary projection; with ``cond_dim=None`` (and
+    ``norm_bias``) RADD's ``DDitFinalLayerWot``: the biased norm and the projection, no modulation."""
 
-    def __init__(self, dim: int, vocab_size: int, cond_dim: int):
+    def __init__(self, dim: int, vocab_size: int, cond_dim: int | None, norm_bias: bool = False):
         super().__init__()
-        self.norm_final = LayerNorm(dim)
+        self.norm_final = LayerNorm(dim, norm_bias)
         self.linear = nn.Linear(dim, vocab_size)
-        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        if cond_dim is not None:
+            self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if c is None:
+            return self.linear(self.norm_final(x))
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -264,16 +285,13 @@ class DDiT(nn.Module):
 
     def _prepare(self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None):
         """Embeddings, condition c = SiLU(sigma_map(sigma)), rotary tables and key mask (outside autocast)."""
-        batch, length = ids.shape
-        if length > self.max_length:
-            raise ValueError(f"sequence length {length} exceeds the model's trained length {self.max_length}")
-        sigma = self._sigma(sigma, batch, ids.device)
+        x, rope, key_mask = token_inputs(self, ids, attention_mask)
+        sigma = self._sigma(sigma, ids.shape[0], ids.device)
         if not self.config.time_conditioning:
             sigma = torch.zeros_like(sigma)
         with torch.autocast(device_type=ids.device.type, enabled=False):
             c = F.silu(self.sigma_map(sigma))
-        rope = self.rotary_emb(length, ids.device)
-        return self.vocab_embed(ids), c, rope, _key_mask(attention_mask)
+        return x, c, rope, key_mask
 
     def forward(
         self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -293,12 +311,7 @@ class DDiT(nn.Module):
         """
         wanted = resolve_indices(blocks, self.depth)
         x, c, rope, key_mask = self._prepare(ids, sigma, attention_mask)
-        out = {}
-        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = block(x, c, rope, key_mask)
-            if i in wanted:
-                out[i] = x
-        return out
+        return block_outputs(self.blocks, x, wanted, c, rope, key_mask)
 
     def log_score(
         self, ids: torch.Tensor, sigma: float | torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -311,6 +324,27 @@ class DDiT(nn.Module):
             shift = sedd_sigma_shift(self._sigma(sigma, ids.shape[0], ids.device), logits.shape[-1])
             logits = logits + shift.to(logits.dtype)[:, None, None]
         return logits.scatter(-1, ids[..., None], 0.0)
+
+
+def token_inputs(
+    model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """What every block of SEDD's token stack reads besides the condition, for DDiT and RADD alike: the token
+    embeddings, the rotary tables and the key mask, after refusing a sequence longer than the trained length."""
+    if ids.shape[1] > model.max_length:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's trained length {model.max_length}")
+    return model.vocab_embed(ids), model.rotary_emb(ids.shape[1], ids.device), _key_mask(attention_mask)
+
+
+def block_outputs(blocks: nn.ModuleList, x: torch.Tensor, wanted: list[int], *inputs: Any) -> dict[int, torch.Tensor]:
+    """The residual stream after each ``wanted`` block (sorted, 0-based), each block called as
+    ``block(x, *inputs)``; the loop stops at the deepest wanted one, so later blocks never run (early exit)."""
+    out = {}
+    for i, block in enumerate(blocks[: wanted[-1] + 1]):
+        x = block(x, *inputs)
+        if i in wanted:
+            out[i] = x
+    return out
 
 
 def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

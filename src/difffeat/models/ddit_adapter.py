@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from difffeat.models.adapter import BlocksAdapter, CaptionsAdapter
 from difffeat.models.base import MASKED, Clean, hub_id_mentions
@@ -31,23 +29,20 @@ def default_tokenizer(source: str) -> str:
     return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else "gpt2"
 
 
-class DDiTAdapter(CaptionsAdapter, BlocksAdapter):
-    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer (tokenizing, truncation and the absence
-    of a condition are :class:`CaptionsAdapter`'s)."""
+class DDiTAdapter(BlocksAdapter, CaptionsAdapter):
+    """A loaded :class:`~difffeat.models.ddit.DDiT` with its tokenizer (captions read as :class:`CaptionsAdapter`
+    says)."""
 
     family = "ddit"
+    network = DDiT
     time = MASKED
+    no_condition = "a DDiT (SEDD/MDLM)"
 
     def __init__(self, model: DDiT, tokenizer: TextTokenizer, *, max_length: int | None = None):
-        super().__init__(tokenizer, max_length, model.max_length)
-        self.module = model.eval()
+        super().__init__(model.eval(), tokenizer, max_length, model.max_length)
         self.schedule = LogLinearSchedule()
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    @classmethod
-    def wraps(cls, model: nn.Module) -> bool:
-        return isinstance(model, DDiT)
-
     @classmethod
     def recognises(cls, source: str) -> bool:
         """A checkpoint file, our folder (``architecture: ddit``), an MDLM or SEDD hub folder (not RADD's, whose
@@ -62,18 +57,18 @@ class DDiTAdapter(CaptionsAdapter, BlocksAdapter):
         return hub_id_mentions(source, "sedd", "mdlm")
 
     @classmethod
-    def load_model(cls, source: str, *, dtype: str = "float32") -> DDiT:
+    def load_model(cls, source: str, *, dtype: str) -> DDiT:
         return load_ddit(source).to(torch_dtype(dtype))
 
     @classmethod
     def load_tokenizer(cls, source: str, model: DDiT, tokenizer: str | None, add_special: str | None) -> TextTokenizer:
-        """``tokenizer.json`` beside our own models, else GPT-2's; special tokens as the model kind saw in training
-        (SEDD: EOS, MDLM: BOS + EOS)."""
+        """``tokenizer.json`` beside our own models, else GPT-2's; its special tokens default to what the model kind
+        saw in training (SEDD: EOS, MDLM: BOS + EOS)."""
         return load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind=model.config.kind)
 
     # ---- the five questions ------------------------------------------------------------------------------------
-    # (depth, device, to, layers and compile_blocks are BlocksAdapter's; tokenize, encode, condition
-    # CaptionsAdapter's)
+    # (depth, device, to, layers and compile_blocks are BlocksAdapter's; encode, condition and
+    # forward_intermediates CaptionsAdapter's)
     def noise(self, x0: Clean, t: float, keys: Sequence[str | int], seed: int, draw: int = 0) -> torch.Tensor:
         """Absorbing-state corruption at step ``t``, on the CPU ids (per-caption seeded draws), so the device
         gets one copy and no per-caption indexing."""
@@ -83,7 +78,7 @@ class DDiTAdapter(CaptionsAdapter, BlocksAdapter):
         """sigma(step / 1000), the noise level the DDiT's sigma embedding reads (CPU)."""
         return self.schedule.sigma(self.schedule.t_of_step(int(t))).float().expand(n)
 
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         return self.module.forward_intermediates(x, t, blocks, attention_mask=mask)

@@ -7,7 +7,6 @@ by :mod:`difffeat.models.checkpoints`, which never runs code from them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,14 +92,14 @@ def load_ddit(
 
 
 def ddit_config_of(source: str | Path) -> DDiTConfig:
-    """The architecture a DDiT source holds, from its config.json or its tensor shapes alone: no weights read."""
+    """The architecture a DDiT source holds, from its config.json or its tensor shapes alone: no weight is read
+    (``difffeat layers``)."""
     path = Path(source)
     if not path.exists():
         path = fetch_from_hub(str(source), config_only=True)
     if path.is_dir():
-        return _folder_config(path)[1]
-    found = _read_file(path, shapes_only=True)
-    return _infer_config(found, path)
+        return _read_folder(path, shapes_only=True).config
+    return _infer_config(_read_file(path, shapes_only=True), path)
 
 
 def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
@@ -125,33 +124,35 @@ def fetch_from_hub(repo_id: str, config_only: bool = False) -> Path:
 
 def _read_folder(folder: Path, shapes_only: bool = False) -> _Found:
     """config.json tells the layout: ours, MDLM's flat one or SEDD's nested Hydra one."""
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    sd = tensors_by_name(read_state_dict(weights, shapes_only=shapes_only), str(weights))
-    what, config = _folder_config(folder, lambda: sniff_format(sd))
-    mdlm = what.startswith("MDLM")
-    return _Found(_strip_backbone(sd) if mdlm else sd, what, config=config, mdlm=mdlm)
-
-
-def _folder_config(folder: Path, weights_look_like: Callable[[], str] | None = None) -> tuple[str, DDiTConfig]:
-    """The layout a folder's config.json names and the DDiT config it gives (``weights_look_like``: what the
-    weights' names suggest, for the message when config.json is not a DDiT's)."""
     raw = read_json(folder / "config.json")
+    sd = folder_weights(folder, shapes_only)
     if raw.get("architecture") == "ddit":
         own = {k: v for k, v in raw.items() if k != "architecture"}
-        return "difffeat DDiT folder", _build_config(folder, lambda: DDiTConfig(**own))
+        return _Found(sd, "difffeat DDiT folder", config=_build_config(folder, lambda: DDiTConfig(**own)))
     if raw.get("model_type") == "mdlm":
-        return "MDLM folder", _build_config(folder, lambda: _mdlm_config(raw))
+        return _Found(
+            _strip_backbone(sd), "MDLM folder", config=_build_config(folder, lambda: _mdlm_config(raw)), mdlm=True
+        )
     if is_radd_config(raw):
         raise CheckpointError(f"{folder} holds RADD (no time conditioning), not a SEDD/MDLM DDiT: use backbone radd")
     if "tokens" in raw and isinstance(raw.get("model"), dict):
-        return "SEDD folder", _build_config(folder, lambda: _sedd_config(raw))
+        return _Found(sd, "SEDD folder", config=_build_config(folder, lambda: _sedd_config(raw)))
     raise CheckpointError(
         f"{folder}/config.json is not a DDiT config (expected our 'architecture: ddit', MDLM's 'model_type: mdlm' "
-        f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}"
-        + (f"; the weights look like {weights_look_like()}" if weights_look_like else "")
+        f"or SEDD's nested 'tokens' and 'model'); its keys: {sorted(raw)[:12]}; "
+        f"the weights look like {sniff_format(sd)}"
     )
+
+
+def folder_weights(folder: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a hub folder's weights file (the first of :data:`WEIGHT_FILES` it holds); with
+    ``shapes_only``, meta tensors, and none where the folder holds only its config (describing needs no weights)."""
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        if shapes_only:
+            return {}
+        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
+    return tensors_by_name(read_state_dict(weights, shapes_only=shapes_only), str(weights))
 
 
 def is_radd_config(raw: dict) -> bool:
@@ -180,19 +181,25 @@ def _sedd_config(raw: dict) -> DDiTConfig:
         raise ValueError(f"graph type {graph!r}: only SEDD's absorbing graph has a [MASK] token to corrupt with")
     m = raw["model"]
     return DDiTConfig(
-        **sedd_hydra_fields(raw), cond_dim=m["cond_dim"], scale_by_sigma=m.get("scale_by_sigma", True), kind="sedd"
+        **nested_architecture(raw, raw.get("length", 1024)),
+        cond_dim=m["cond_dim"],
+        scale_by_sigma=m.get("scale_by_sigma", True),
+        kind="sedd",
     )
 
 
-def sedd_hydra_fields(raw: dict) -> dict:
-    """What SEDD's nested Hydra config (and RADD's, which nests alike) says of the network: vocab = tokens + 1
-    (the absorbing [MASK] is the last id), width, heads, blocks and the trained length (under ``model`` or at the
-    top, as SEDD's configs put it in either place)."""
+def nested_architecture(raw: dict, default_length: int = 1024) -> dict:
+    """What SEDD's nested Hydra config says of any network in its family (SEDD's DDiT, RADD's): vocab = tokens + 1
+    (the absorbing [MASK] is the last id), width, heads, blocks, and the trained length (``default_length`` when
+    ``model.length`` is absent)."""
     m = raw["model"]
     return dict(
-        vocab_size=raw["tokens"] + 1, hidden_size=m["hidden_size"], n_heads=m["n_heads"], n_blocks=m["n_blocks"],
-        length=m.get("length", raw.get("length", 1024)),
-    )  # fmt: skip
+        vocab_size=raw["tokens"] + 1,
+        hidden_size=m["hidden_size"],
+        n_heads=m["n_heads"],
+        n_blocks=m["n_blocks"],
+        length=m.get("length", default_length),
+    )
 
 
 def _mdlm_config(raw: dict) -> DDiTConfig:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from difffeat.models.adapter import CaptionsAdapter
-from difffeat.models.base import Clean, Layer, TimeConvention, block_layers, hub_id_mentions
+from difffeat.models.base import Clean, Layer, TimeConvention, hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError
 from difffeat.models.common import StopForward, resolve_indices, run_until_stopped
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
@@ -79,22 +79,20 @@ def uniform_corrupt(
     return out
 
 
-def gemma_layers(text_config: Any) -> list[Layer]:
-    """The decoder layers, read from the config alone (``difffeat layers`` builds no model)."""
-    return block_layers(text_config.num_hidden_layers, text_config.hidden_size, "model.decoder.layers")
-
-
 class DiffusionGemmaBackbone(CaptionsAdapter):
-    """A loaded ``DiffusionGemmaForBlockDiffusion`` with its tokenizer (see the module docstring for what is read)."""
+    """A loaded ``DiffusionGemmaForBlockDiffusion`` with its tokenizer (see the module docstring for what is read;
+    the canvas is the caption, so nothing per row conditions it: the prompt is the fixed [BOS])."""
 
     family = MODEL_TYPE
     time = UNIFORM
+    no_condition = "DiffusionGemma's canvas is the caption; it"
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, *, max_length: int | None = None):
-        super().__init__(tokenizer, max_length, model.config.canvas_length)
-        self.module = model.eval().requires_grad_(False)
+    def __init__(
+        self, model: nn.Module, tokenizer: TextTokenizer, *, max_length: int | None = None, placed: bool = False
+    ):
+        super().__init__(model.eval().requires_grad_(False), tokenizer, max_length, model.config.canvas_length)
         self.text_config = model.config.text_config
-        self.placed = False  # True once a device_map placed the weights (from_pretrained)
+        self.placed = placed
 
     # ---- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -110,16 +108,8 @@ class DiffusionGemmaBackbone(CaptionsAdapter):
         return hub_id_mentions(source, "diffusiongemma", "diffusion-gemma", "diffusion_gemma")
 
     @classmethod
-    def from_pretrained(cls, source: str, *, device_map: str | None = None, **options: Any) -> DiffusionGemmaBackbone:
-        """As every text backbone (:meth:`CaptionsAdapter.from_pretrained`); with a ``device_map`` the backbone
-        stays where transformers put it (a split model must stay split)."""
-        backbone = super().from_pretrained(source, device_map=device_map, **options)
-        backbone.placed = device_map is not None
-        return backbone
-
-    @classmethod
     def load_model(
-        cls, source: str, *, dtype: str = "float32", device_map: str | None = None, allow_large: bool = False
+        cls, source: str, *, dtype: str, device_map: str | None = None, allow_large: bool = False
     ) -> nn.Module:
         """The config is read first and the parameter count checked before any weight is fetched or read.
         ``device_map`` (e.g. ``"cuda"``, ``"auto"``) places the weights as transformers does; the backbone then
@@ -138,9 +128,13 @@ class DiffusionGemmaBackbone(CaptionsAdapter):
     def load_tokenizer(
         cls, source: str, model: nn.Module, tokenizer: str | None, add_special: str | None
     ) -> TextTokenizer:
-        """The model's own (its folder / hub id); no special tokens by default, since [BOS] is the prompt and a
-        canvas is plain text."""
+        """The model's own (its folder / hub id); captions get no special tokens by default, since [BOS] is the
+        prompt and a canvas is plain text."""
         return load_tokenizer(tokenizer or source, add_special=add_special or "none")
+
+    @classmethod
+    def _wrap_options(cls, load: dict[str, Any]) -> dict[str, Any]:
+        return {"placed": load.get("device_map") is not None}
 
     # ---- the five questions ------------------------------------------------------------------------------------
     @property
@@ -152,7 +146,7 @@ class DiffusionGemmaBackbone(CaptionsAdapter):
         return self.module.model.decoder.layers
 
     def layers(self) -> list[Layer]:
-        return gemma_layers(self.text_config)
+        return [Layer(i, f"model.decoder.layers.{i}", self.text_config.hidden_size) for i in range(self.depth)]
 
     def to(self, device: torch.device | str) -> DiffusionGemmaBackbone:
         """Move the model, unless a ``device_map`` placed it (a split model must stay split)."""
@@ -167,8 +161,8 @@ class DiffusionGemmaBackbone(CaptionsAdapter):
         """The replaced fraction step / 1000 (CPU), for the record: the decoder reads no time."""
         return torch.full((n,), int(t) / 1000)
 
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         """Decoder tokens ``[N, L, D]`` after each asked layer, from the untouched forward stopped after the deepest
         one. ``mask`` (True at real tokens) masks right padding out of every attention."""

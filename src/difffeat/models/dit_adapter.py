@@ -38,6 +38,7 @@ class DiTAdapter(BlocksAdapter):
     image in [-1, 1] at the model's input size)."""
 
     family = "dit"
+    network = DiT
     modality = "image"
     time = DDPM
 
@@ -49,10 +50,6 @@ class DiTAdapter(BlocksAdapter):
         self.schedule = DDPMSchedule()
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    @classmethod
-    def wraps(cls, model: nn.Module) -> bool:
-        return isinstance(model, DiT)
-
     @classmethod
     def recognises(cls, source: str) -> bool:
         """An official checkpoint file, our folder (``architecture: dit``), a diffusers DiT transformer or

@@ -32,29 +32,35 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difffeat.models.base import hub_id_mentions
 from difffeat.models.checkpoints import CheckpointError, read_json, read_state_dict, strict_load, tensors_by_name
-from difffeat.models.common import PresetConfig, resolve_indices
-from difffeat.models.ddit import DDiTBlock, EmbeddingLayer, Rotary, _key_mask
-from difffeat.models.ddit_adapter import DDiTAdapter, default_tokenizer
+from difffeat.models.common import resolve_indices
+from difffeat.models.ddit import (
+    DDiTBlock,
+    DDiTConfig,
+    EmbeddingLayer,
+    OutputLayer,
+    Rotary,
+    block_outputs,
+    token_inputs,
+)
+from difffeat.models.ddit_adapter import DDiTAdapter
 from difffeat.models.ddit_load import (
     RADD_MODEL_TYPE,
-    WEIGHT_FILES,
     _ema_weights,
     _Found,
     _shadows,
     fetch_from_hub,
+    folder_weights,
     is_radd_config,
-    sedd_hydra_fields,
+    nested_architecture,
 )
 from difffeat.models.large import meta_parameter_count, refuse_large, torch_dtype
-from difffeat.models.tokenizers import TextTokenizer, load_tokenizer
 
 RADD_PRESETS: dict[str, dict] = {
     "radd-small": dict(hidden_size=768, n_heads=12, n_blocks=12),  # JingyangOu/radd-lambda-dce, radd-t-dce
@@ -63,65 +69,30 @@ RADD_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class RADDConfig(PresetConfig):
-    """Architecture of a RADD network; defaults are RADD-small on GPT-2 tokens plus [MASK] (the last id)."""
+class RADDConfig(DDiTConfig):
+    """Architecture of a RADD network: a DDiT's fields, checks and defaults (RADD-small on GPT-2 tokens plus [MASK],
+    the last id), since RADD's network is SEDD's without the time condition. So the time fields are not read:
+    ``cond_dim`` and ``scale_by_sigma`` mean nothing here, ``time_conditioning`` is off; ``kind`` stays "sedd",
+    the GPT-2 tokens with EOS RADD trains on."""
 
+    scale_by_sigma: bool = False
+    time_conditioning: bool = False
+    label: ClassVar[str] = "RADD"
     presets: ClassVar[dict[str, dict]] = RADD_PRESETS
-    kind_name: ClassVar[str] = "RADD"
-
-    vocab_size: int = 50258
-    hidden_size: int = 768
-    n_heads: int = 12
-    n_blocks: int = 12
-    length: int = 1024
-    mlp_ratio: int = 4
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads or (self.hidden_size // self.n_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.n_heads} heads of even width")
-
-
-class BiasLayerNorm(nn.Module):
-    """RADD's ``LayerNormWot``: LayerNorm in fp32 (autocast off), then ``* weight + bias``; cast back to the input
-    dtype (a no-op for RADD's fp32 residual stream, needed when the whole model is bf16)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), [x.shape[-1]], eps=1e-5) * self.weight.float() + self.bias.float()
-        return y.to(x.dtype)
 
 
 class RADDBlock(DDiTBlock):
-    """``DDiTBlockWot``: SEDD's block without adaLN (attention and MLP exactly SEDD's), LayerNorms with bias."""
-
-    norm = BiasLayerNorm
+    """``DDiTBlockWot``: SEDD's block built without adaLN and with biased norms (layers, order and attention are
+    DDiT's); only the forward differs, a plain pre-LN block with no shift, scale or gate."""
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: int):
-        nn.Module.__init__(self)
-        self._attention_and_mlp(dim, n_heads, mlp_ratio)
+        super().__init__(dim, n_heads, None, mlp_ratio, norm_bias=True)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         x = x + self.attn_out(self.attend(self.norm1(x), rope, key_mask))
         return x + self.mlp(self.norm2(x))
-
-
-class RADDOutputLayer(nn.Module):
-    """``DDitFinalLayerWot``: final LayerNorm (with bias) and the untied vocabulary projection."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.norm_final = BiasLayerNorm(dim)
-        self.linear = nn.Linear(dim, vocab_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm_final(x))
 
 
 class RADD(nn.Module):
@@ -131,37 +102,17 @@ class RADD(nn.Module):
     def __init__(self, config: RADDConfig):
         super().__init__()
         cfg = self.config = config
+        self.depth, self.hidden_size, self.max_length = cfg.n_blocks, cfg.hidden_size, cfg.length
+        self.mask_index = cfg.vocab_size - 1  # the absorbing [MASK] id: the last one (RADD's ``token_dim - 1``)
         self.vocab_embed = EmbeddingLayer(cfg.hidden_size, cfg.vocab_size)
         self.rotary_emb = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList(RADDBlock(cfg.hidden_size, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_blocks))
-        self.output_layer = RADDOutputLayer(cfg.hidden_size, cfg.vocab_size)
-
-    @property
-    def depth(self) -> int:
-        return self.config.n_blocks
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def mask_index(self) -> int:
-        """The absorbing [MASK] id: the last one (RADD's ``token_dim - 1``)."""
-        return self.config.vocab_size - 1
-
-    @property
-    def max_length(self) -> int:
-        return self.config.length
-
-    def _prepare(self, ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's trained length {self.max_length}")
-        return self.vocab_embed(ids), self.rotary_emb(ids.shape[1], ids.device), _key_mask(attention_mask)
+        self.output_layer = OutputLayer(cfg.hidden_size, cfg.vocab_size, None, norm_bias=True)  # DDitFinalLayerWot
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """RADD's output ``[B, L, V]``: log-probabilities of the clean token over the real vocabulary, the raw logit in
         the last ([MASK]) column, as ``RADD.forward``."""
-        x, rope, key_mask = self._prepare(ids, attention_mask)
+        x, rope, key_mask = token_inputs(self, ids, attention_mask)
         for block in self.blocks:
             x = block(x, rope, key_mask)
         logits = self.output_layer(x)
@@ -171,14 +122,8 @@ class RADD(nn.Module):
         self, ids: torch.Tensor, blocks: Sequence[int], attention_mask: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
         """Residual stream ``[B, L, D]`` after each asked block (0-based); later blocks never run."""
-        wanted = resolve_indices(blocks, self.depth)
-        x, rope, key_mask = self._prepare(ids, attention_mask)
-        out = {}
-        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = block(x, rope, key_mask)
-            if i in wanted:
-                out[i] = x
-        return out
+        x, rope, key_mask = token_inputs(self, ids, attention_mask)
+        return block_outputs(self.blocks, x, resolve_indices(blocks, self.depth), rope, key_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,9 +132,9 @@ class RADD(nn.Module):
 
 
 def radd_config(raw: dict, source: str) -> RADDConfig:
-    """vocab = tokens + 1 (the absorbing [MASK] is the last id), as ``RADD.__init__``."""
+    """SEDD's nested config fields, as ``RADD.__init__`` reads them (vocab = tokens + 1)."""
     try:
-        return RADDConfig(**sedd_hydra_fields(raw))
+        return RADDConfig(**nested_architecture(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: cannot build a RADD config from it ({exc!r})") from exc
 
@@ -254,7 +199,7 @@ def load_radd(
 
 
 def radd_config_of(source: str | Path) -> RADDConfig:
-    """The architecture a RADD source holds, from its config.json or its tensor shapes alone: no weights read."""
+    """The architecture a RADD source holds, from its config.json or its tensor shapes alone: no weight is read."""
     path = Path(source)
     if not path.exists():
         path = fetch_from_hub(str(source), config_only=True)
@@ -264,10 +209,7 @@ def radd_config_of(source: str | Path) -> RADDConfig:
 
 
 def _read_folder(folder: Path) -> _Found:
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no weights file (looked for {' and '.join(WEIGHT_FILES)})")
-    return _Found(tensors_by_name(read_state_dict(weights), str(weights)), "RADD hub folder")
+    return _Found(folder_weights(folder), "RADD hub folder")
 
 
 def _read_file(path: Path, shapes_only: bool = False) -> _Found:
@@ -286,7 +228,9 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path) -> RADDConfig:
     except KeyError as exc:
         raise CheckpointError(f"{path}: cannot infer a RADD architecture, {exc} is not in the file") from exc
     n_blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return RADDConfig(vocab, hidden, hidden // head_dim, n_blocks, mlp_ratio=ratio)
+    return RADDConfig(
+        vocab_size=vocab, hidden_size=hidden, n_heads=hidden // head_dim, n_blocks=n_blocks, mlp_ratio=ratio
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,10 +243,8 @@ class RADDAdapter(DDiTAdapter):
     takes no time. GPT-2's tokenizer with EOS after the caption, as RADD's training documents."""
 
     family = "radd"
-
-    @classmethod
-    def wraps(cls, model: nn.Module) -> bool:
-        return isinstance(model, RADD)
+    network = RADD
+    no_condition = "RADD"
 
     @classmethod
     def recognises(cls, source: str) -> bool:
@@ -313,18 +255,15 @@ class RADDAdapter(DDiTAdapter):
         return hub_id_mentions(source, "radd")
 
     @classmethod
-    def load_model(cls, source: str, *, dtype: str = "float32", allow_large: bool = False) -> RADD:
+    def load_model(cls, source: str, *, dtype: str, allow_large: bool = False) -> RADD:
+        """Its tokenizer is the DDiT's default with the config's kind, "sedd": GPT-2's, EOS after the caption."""
         return load_radd(source, dtype=dtype, allow_large=allow_large)
-
-    @classmethod
-    def load_tokenizer(cls, source: str, model: RADD, tokenizer: str | None, add_special: str | None) -> TextTokenizer:
-        return load_tokenizer(tokenizer or default_tokenizer(source), add_special=add_special, kind="sedd")
 
     def model_time(self, t: float, n: int) -> torch.Tensor:
         """The masking probability of step ``t`` (CPU), for the record: RADD's forward reads no time."""
         return self.schedule.mask_prob(self.schedule.t_of_step(int(t))).float().expand(n)
 
-    def forward_intermediates(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None = None, **cond: Any
+    def _read_blocks(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: list[int], mask: torch.Tensor | None
     ) -> dict[int, torch.Tensor]:
         return self.module.forward_intermediates(x, blocks, attention_mask=mask)
