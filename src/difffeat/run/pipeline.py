@@ -130,6 +130,7 @@ class Experiment:
         self.dist = {"rank": rank, "world": world}
         self.device = resolve_device(cfg.extract.device)
         self._rows: dict[str, list[int]] = {}
+        self._variants: dict[tuple[str, str], str] = {}
 
     # ---- data and models ---------------------------------------------------------------------------
     @cached_property
@@ -320,7 +321,13 @@ class Experiment:
         return {"mode": record["mode"], "channels": record["channels"]}
 
     def variant(self, modality: str, split: str) -> str:
-        """The store variant of this modality's entries of ``split`` (the same for every cell)."""
+        """The store variant of this modality's entries of ``split`` (the same for every cell), computed once per
+        run: it digests every sample id and caption of the split, and every key of every cell asks for it."""
+        if (modality, split) not in self._variants:
+            self._variants[modality, split] = self._variant(modality, split)
+        return self._variants[modality, split]
+
+    def _variant(self, modality: str, split: str) -> str:
         samples, side = self.samples(split), branch(modality)
         model = self.model_options(modality)
         options = effective_options(model, self.extractor(modality))
